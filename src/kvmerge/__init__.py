@@ -1,0 +1,41 @@
+"""kvmerge: bound the KV cache of any transformers causal LM by evicting and merging entries."""
+
+from __future__ import annotations
+
+import dataclasses
+
+from transformers import PreTrainedModel
+
+from kvmerge import attention
+from kvmerge.cache import KVMergeCache
+from kvmerge.config import CompressionConfig
+from kvmerge.models import check_model, load_model
+from kvmerge.registry import build_method, describe_methods, method_names
+
+__all__ = ["CompressionConfig", "KVMergeCache", "describe_methods", "load_model", "make_cache", "method_names"]
+__version__ = "0.1.0"
+
+_OPTIONS = tuple(f.name for f in dataclasses.fields(CompressionConfig) if f.name != "budget")
+
+
+def make_cache(
+    model: PreTrainedModel, method: str = "full", budget: int | float | None = None, **options
+) -> KVMergeCache:
+    """A transformers ``Cache`` for ``model`` bounded by ``method`` (``selector[+absorber]``).
+
+    ``budget`` is entries kept per KV head (int) or a fraction of the prompt (float in (0, 1]);
+    ``options`` are the other :class:`CompressionConfig` fields (``sink``, ``recent``,
+    ``schedule``, ``chunk_size``, ``decode_interval``, ``merge_window``, ``history_window``,
+    ``gqa``, ``seed``). Everything is validated before any compute. Switches the model to the
+    ``kvmerge`` attention implementation (SDPA underneath), which leaves other caches unchanged.
+    """
+    unknown = sorted(set(options) - set(_OPTIONS))
+    if unknown:
+        raise TypeError(f"unknown option(s) {', '.join(unknown)}; valid options: {', '.join(_OPTIONS)}")
+    built = build_method(method, CompressionConfig(budget=budget, **options))
+    if not isinstance(model, PreTrainedModel):
+        raise TypeError(f"model must be a transformers PreTrainedModel, got {type(model).__name__}")
+    check_model(model)
+    if model.config._attn_implementation != attention.NAME:
+        model.set_attn_implementation(attention.NAME)
+    return KVMergeCache(built, model.config.get_text_config(decoder=True).num_hidden_layers)

@@ -1,0 +1,1 @@
+"""Absorbers: what happens to an evicted entry. One module per method."""

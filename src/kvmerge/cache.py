@@ -1,0 +1,341 @@
+"""A transformers ``Cache`` whose layers really evict (and merge) entries.
+
+The cache knows nothing of any particular method: each layer holds keys, values, the
+position of every entry and the statistics its :class:`~kvmerge.method.Method` asked for,
+and calls the method's selector and absorber when it is over budget.
+
+Timing (METHODS.md): the model calls ``update`` with a forward call's new keys and values,
+then its attention function, which is :func:`kvmerge.attention.kvmerge_attention`. That
+function hands the queries back to the layer (:meth:`KVMergeLayer.attend`), which processes
+them in steps: append a step's entries, attend over the kept cache plus the step, update the
+statistics from that attention, compress if over budget. Because a layer's input for every
+token is known before the layer runs, doing the steps inside one forward call gives exactly
+the result of feeding the tokens one step at a time.
+"""
+
+from __future__ import annotations
+
+import threading
+from collections.abc import Callable
+
+import torch
+from torch.nn.functional import scaled_dot_product_attention
+from transformers.cache_utils import Cache, CacheLayerMixin
+from transformers.integrations.sdpa_attention import sdpa_attention_forward
+
+from kvmerge.method import Entries, Eviction, Method
+from kvmerge.stats import Observation
+
+_handoff = threading.local()
+
+# Attention rows x entries x query heads computed at once when probabilities are needed.
+_BLOCK_ELEMENTS = 1 << 24
+
+
+def take_pending_layer() -> KVMergeLayer | None:
+    """The layer whose ``update`` ran last in this thread and still awaits its attention call."""
+    layer = getattr(_handoff, "layer", None)
+    _handoff.layer = None
+    return layer
+
+
+class KVMergeLayer(CacheLayerMixin):
+    """One model layer's bounded cache.
+
+    Holds ``keys``/``values`` ``[batch, kv_heads, n, head_dim]``, ``index`` ``[batch, kv_heads, n]``
+    (position within the sequence, ``-1`` for an empty slot) and ``stats`` (each
+    ``[batch, kv_heads, n]``). ``seen`` counts every token the layer was given (padding included),
+    which is what transformers derives positions from; ``n`` counts what is kept.
+    """
+
+    is_sliding = False
+    is_croppable = False
+
+    def __init__(self, method: Method, layer_idx: int):
+        super().__init__()
+        self.method = method
+        self.layer_idx = layer_idx
+        self.seen = 0
+        self._pending: tuple[torch.Tensor, torch.Tensor] | None = None
+
+    # transformers' layer API -------------------------------------------------------------
+
+    def lazy_initialization(self, key_states: torch.Tensor, value_states: torch.Tensor) -> None:
+        self.dtype, self.device = key_states.dtype, key_states.device
+        batch, heads = key_states.shape[:2]
+        self.keys = key_states[:, :, :0]
+        self.values = value_states[:, :, :0]
+        self.index = torch.empty(batch, heads, 0, dtype=torch.long, device=self.device)
+        self.stats = {
+            s.name: torch.zeros(batch, heads, 0, dtype=s.dtype, device=self.device) for s in self.method.statistics
+        }
+        self.valid_seen = torch.zeros(batch, dtype=torch.long, device=self.device)
+        self.budgets: torch.Tensor | None = None
+        self.since_compression = 0
+        self.is_initialized = True
+
+    def update(
+        self, key_states: torch.Tensor, value_states: torch.Tensor, *args, **kwargs
+    ) -> tuple[torch.Tensor, torch.Tensor]:
+        """Receive a forward call's new keys/values ``[batch, kv_heads, q, head_dim]``; the attention
+        function stores them (see the module docstring)."""
+        if self._pending is not None:
+            raise RuntimeError(
+                "kvmerge cache: the model's attention did not go through kvmerge. Create the cache with "
+                "kvmerge.make_cache(model, ...), which switches the model to the 'kvmerge' attention implementation."
+            )
+        if not self.is_initialized:
+            self.lazy_initialization(key_states, value_states)
+        self._pending = (key_states, value_states)
+        _handoff.layer = self
+        return key_states, value_states
+
+    def get_seq_length(self) -> int:
+        return self.seen
+
+    def get_mask_sizes(self, query_length: int) -> tuple[int, int]:
+        kept = self.keys.shape[-2] if self.is_initialized else 0
+        return kept + query_length, self.seen - kept
+
+    def get_max_length(self) -> int:
+        return -1
+
+    def reset(self) -> None:
+        self.is_initialized = False
+        self.keys = self.values = None
+        self.seen = 0
+        self._pending = None
+
+    def reorder_cache(self, beam_idx: torch.LongTensor) -> None:
+        self._map_batch(lambda t: t.index_select(0, beam_idx.to(t.device)))
+
+    def batch_repeat_interleave(self, repeats: int) -> None:
+        self._map_batch(lambda t: t.repeat_interleave(repeats, dim=0))
+
+    def batch_select_indices(self, indices: torch.Tensor) -> None:
+        self._map_batch(lambda t: t[indices])
+
+    def crop(self, tokens_to_remove: int) -> None:
+        raise NotImplementedError("a compressed cache cannot be rolled back (assisted decoding needs DynamicCache)")
+
+    # kvmerge -----------------------------------------------------------------------------
+
+    @property
+    def entries(self) -> Entries:
+        return Entries(self.keys, self.values, self.index, self.stats)
+
+    def attend(
+        self, module: torch.nn.Module, query: torch.Tensor, attention_mask: torch.Tensor | None, **kwargs
+    ) -> torch.Tensor:
+        """Run this forward call's attention in steps, compressing between them.
+
+        ``query`` is ``[batch, q_heads, q, head_dim]``; ``attention_mask`` is transformers' mask for
+        the call. Returns the attention output ``[batch, q, q_heads, head_dim]``.
+        """
+        new_keys, new_values = self._pending
+        self._pending = None
+        length = new_keys.shape[-2]
+        valid = _new_token_validity(attention_mask, self.keys.shape[-2], length, query.shape[0], self.device)
+        first_call = self.seen == 0
+        method, config = self.method, self.method.config
+        if self.budgets is None and method.selector.compresses:
+            self.budgets = config.budgets_for(valid.sum(-1).to(self.device))
+            self.sink, self.recent = config.windows_for(
+                self.budgets, method.selector.default_sink, method.selector.default_recent
+            )
+        if not method.selector.compresses:
+            # Nothing is ever evicted, so transformers' own mask is exact: behave as DynamicCache.
+            self._append(new_keys, new_values, valid, zero_padding=False)
+            out, _ = sdpa_attention_forward(module, query, self.keys, self.values, attention_mask, **kwargs)
+            return out
+        step = length if config.schedule == "prefill" else config.chunk_size
+        scaling = kwargs.get("scaling") or query.shape[-1] ** -0.5
+        outputs = []
+        for start in range(0, length, step):
+            stop = min(start + step, length)
+            self._append(new_keys[:, :, start:stop], new_values[:, :, start:stop], valid[:, start:stop])
+            outputs.append(self._attend_step(query[:, :, start:stop], valid[:, start:stop], scaling))
+            if self._should_compress(first_call):
+                self.compress()
+        return torch.cat(outputs, dim=1)
+
+    def compress(self) -> None:
+        """Shrink every sequence to its budget: protected windows first, then by the selector's scores."""
+        before = self.entries
+        valid = before.index >= 0
+        recent_start = (self.valid_seen - self.recent).view(-1, 1, 1)
+        protected = valid & ((before.index < self.sink) | (before.index >= recent_start))
+        scores = self.method.selector.scores(before, self.method.config).float()
+        scores = scores.masked_fill(protected, float("inf")).masked_fill(~valid, float("-inf"))
+        kept = min(before.index.shape[-1], int(self.budgets.max()))
+        # Stable sort: among equal scores the older entry wins, alone or in any batch.
+        ranked = torch.sort(scores, dim=-1, descending=True, stable=True).indices[..., :kept]
+        rank = torch.arange(kept, device=self.device)
+        keep = (rank < self.budgets.view(-1, 1, 1)) & valid.gather(-1, ranked)
+        kept_slots, order = torch.sort(torch.where(keep, ranked, -1), dim=-1)
+        slots = ranked.gather(-1, order)
+        after = Entries(
+            keys=_gather_entries(before.keys, slots),
+            values=_gather_entries(before.values, slots),
+            index=torch.where(kept_slots >= 0, before.index.gather(-1, slots), -1),
+            stats={name: value.gather(-1, slots) for name, value in before.stats.items()},
+        )
+        evicted = valid.clone()
+        evicted.scatter_(-1, slots, ~keep.gather(-1, order) & evicted.gather(-1, slots))
+        if self.method.absorber is not None:
+            eviction = Eviction(before, after, kept_slots, evicted, self.layer_idx)
+            self.method.absorber.absorb(eviction, self.method.config)
+        self.keys, self.values, self.index, self.stats = after.keys, after.values, after.index, after.stats
+        self.since_compression = 0
+
+    def kv_bytes(self) -> int:
+        """Bytes of keys and values actually held."""
+        if not self.is_initialized:
+            return 0
+        return self.keys.numel() * self.keys.element_size() + self.values.numel() * self.values.element_size()
+
+    def kv_bytes_full(self) -> int:
+        """Bytes a full cache would hold for the same tokens."""
+        if not self.is_initialized:
+            return 0
+        batch, heads, _, dim = self.keys.shape
+        return batch * heads * self.seen * dim * (self.keys.element_size() + self.values.element_size())
+
+    def stats_bytes(self) -> int:
+        """Bytes of positions and statistics kept beside the entries."""
+        if not self.is_initialized:
+            return 0
+        tensors = [self.index, *self.stats.values()]
+        return sum(t.numel() * t.element_size() for t in tensors)
+
+    # internals ---------------------------------------------------------------------------
+
+    def _append(self, keys: torch.Tensor, values: torch.Tensor, valid: torch.Tensor, zero_padding: bool = True) -> None:
+        """Add a step's entries ``[batch, kv_heads, r, head_dim]`` with their validity ``[batch, r]``."""
+        batch, heads, rows = keys.shape[:3]
+        if zero_padding and not bool(valid.all()):  # padding never carries NaN into merges
+            keys = keys * valid.view(batch, 1, rows, 1)
+            values = values * valid.view(batch, 1, rows, 1)
+        positions = self.valid_seen.view(-1, 1) + valid.long().cumsum(-1) - 1
+        index = torch.where(valid, positions, -1).unsqueeze(1).expand(batch, heads, rows)
+        self.keys = torch.cat([self.keys, keys], dim=-2)
+        self.values = torch.cat([self.values, values], dim=-2)
+        self.index = torch.cat([self.index, index], dim=-1)
+        for stat in self.method.statistics:
+            fresh = torch.zeros(batch, heads, rows, dtype=stat.dtype, device=self.device)
+            self.stats[stat.name] = torch.cat([self.stats[stat.name], fresh], dim=-1)
+        self.valid_seen += valid.sum(-1)
+        self.seen += rows
+        self.since_compression += rows
+
+    def _step_mask(self, valid: torch.Tensor) -> torch.Tensor:
+        """Which entries each of the step's rows sees ``[batch, kv_heads, r, n]``: the valid kept
+        entries, and the step's valid tokens causally. A row always sees itself, so padding rows
+        stay finite (nothing valid ever sees padding)."""
+        rows, n = valid.shape[-1], self.index.shape[-1]
+        old = (self.index[..., : n - rows] >= 0).unsqueeze(2).expand(-1, -1, rows, -1)
+        causal = torch.ones(rows, rows, dtype=torch.bool, device=self.device).tril()
+        new = (causal & valid.view(-1, 1, 1, rows)) | torch.eye(rows, dtype=torch.bool, device=self.device)
+        return torch.cat([old, new.expand(-1, old.shape[1], -1, -1)], dim=-1)
+
+    def _attend_step(self, query: torch.Tensor, valid: torch.Tensor, scaling: float) -> torch.Tensor:
+        """Attention of a step's queries ``[batch, q_heads, r, head_dim]`` -> ``[batch, r, q_heads, head_dim]``;
+        feeds the step's probabilities to the statistics when the method has any."""
+        mask = self._step_mask(valid)
+        batch, q_heads, rows, dim = query.shape
+        heads = self.keys.shape[1]
+        group = q_heads // heads
+        if not self.method.needs_attention:
+            out = scaled_dot_product_attention(
+                query, self.keys, self.values, attn_mask=mask.repeat_interleave(group, dim=1), scale=scaling,
+                enable_gqa=group > 1,
+            )
+            return out.transpose(1, 2)
+        n = self.keys.shape[-2]
+        block = max(1, _BLOCK_ELEMENTS // max(1, n * q_heads))
+        grouped = query.reshape(batch, heads, group, rows, dim)
+        outputs = []
+        for start in range(0, rows, block):
+            stop = min(start + block, rows)
+            q = grouped[:, :, :, start:stop].reshape(batch, heads, group * (stop - start), dim)
+            scores = torch.matmul(q.float(), self.keys.float().transpose(-1, -2)) * scaling
+            scores = scores.view(batch, heads, group, stop - start, n)
+            block_mask = mask[:, :, start:stop]
+            probs = scores.masked_fill(~block_mask.unsqueeze(2), float("-inf")).softmax(dim=-1)
+            out = torch.matmul(probs.view(batch, heads, -1, n), self.values.float())
+            outputs.append(out.view(batch, heads, group, stop - start, dim).to(query.dtype))
+            visible = block_mask[:, :1] & valid[:, start:stop].view(batch, 1, -1, 1)
+            seen = Observation(probs, visible)
+            for stat in self.method.statistics:
+                self.stats[stat.name] = stat.update(self.stats[stat.name], seen)
+        out = torch.cat(outputs, dim=3).reshape(batch, q_heads, rows, dim)
+        return out.transpose(1, 2)
+
+    def _should_compress(self, first_call: bool) -> bool:
+        config = self.method.config
+        if config.schedule == "prefill" and not first_call:
+            if config.decode_interval is None or self.since_compression < config.decode_interval:
+                return False
+        over_budget = (self.index >= 0).sum(-1).amax(-1) > self.budgets
+        return bool(over_budget.any()) or self.index.shape[-1] > int(self.budgets.max())
+
+    def _map_batch(self, fn: Callable[[torch.Tensor], torch.Tensor]) -> None:
+        if not self.is_initialized:
+            return
+        self.keys, self.values, self.index = fn(self.keys), fn(self.values), fn(self.index)
+        self.stats = {name: fn(value) for name, value in self.stats.items()}
+        self.valid_seen = fn(self.valid_seen)
+        if self.budgets is not None:
+            self.budgets, self.recent = fn(self.budgets), fn(self.recent)
+
+
+class KVMergeCache(Cache):
+    """A transformers ``Cache`` bounded by a :class:`~kvmerge.method.Method`; build it with
+    :func:`kvmerge.make_cache`."""
+
+    def __init__(self, method: Method, num_layers: int):
+        super().__init__(layers=[KVMergeLayer(method, i) for i in range(num_layers)])
+        self.method = method
+
+    def update(
+        self, key_states: torch.Tensor, value_states: torch.Tensor, layer_idx: int, *args, **kwargs
+    ) -> tuple[torch.Tensor, torch.Tensor]:
+        return self.layers[layer_idx].update(key_states, value_states)
+
+    def kv_bytes(self) -> int:
+        """Bytes of keys and values held, all layers."""
+        return sum(layer.kv_bytes() for layer in self.layers)
+
+    def kv_bytes_full(self) -> int:
+        """Bytes a full cache would hold for the same tokens, all layers."""
+        return sum(layer.kv_bytes_full() for layer in self.layers)
+
+    def stats_bytes(self) -> int:
+        """Bytes of positions and statistics kept beside the entries, all layers."""
+        return sum(layer.stats_bytes() for layer in self.layers)
+
+    def kept_tokens(self, layer_idx: int = 0) -> int:
+        """Entries per head held by a layer (empty slots included)."""
+        layer = self.layers[layer_idx]
+        return layer.keys.shape[-2] if layer.is_initialized else 0
+
+    def __repr__(self) -> str:
+        return f"KVMergeCache(method={self.method.name!r}, layers={len(self.layers)}, seen={self.get_seq_length()})"
+
+
+def _gather_entries(tensor: torch.Tensor, slots: torch.Tensor) -> torch.Tensor:
+    """Pick ``slots`` ``[batch, kv_heads, k]`` along the entry axis of ``[batch, kv_heads, n, d]``."""
+    return tensor.gather(2, slots.unsqueeze(-1).expand(-1, -1, -1, tensor.shape[-1]))
+
+
+def _new_token_validity(
+    mask: torch.Tensor | None, kept: int, length: int, batch: int, device: torch.device
+) -> torch.Tensor:
+    """Which of a call's ``length`` new tokens are real (not padding) ``[batch, length]``, read off the
+    diagonal of transformers' 4D mask (a padding token is masked as a key for every query, itself included)."""
+    if mask is None:
+        return torch.ones(batch, length, dtype=torch.bool, device=device)
+    rows = torch.arange(length, device=mask.device)
+    diagonal = mask[:, 0, rows, kept + rows]
+    valid = diagonal if diagonal.dtype == torch.bool else diagonal == 0
+    return valid.expand(batch, length).to(device)

@@ -1,0 +1,126 @@
+"""Validated options shared by every compression method (METHODS.md, "Common semantics")."""
+
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass
+from typing import Literal
+
+import torch
+
+Schedule = Literal["step", "prefill"]
+GroupAggregation = Literal["mean", "max", "sum"]
+
+
+@dataclass(frozen=True)
+class CompressionConfig:
+    """How a cache is bounded, independent of which method bounds it.
+
+    Parameters
+    ----------
+    budget:
+        Entries kept per KV head: an ``int`` token count, or a ``float`` in (0, 1] read as a
+        fraction of the first forward call's (the prompt's) length, per sequence. ``None`` only
+        for the ``full`` method.
+    sink:
+        First tokens of each sequence that are never evicted. ``None``: the selector's default.
+    recent:
+        Most recent tokens that are never evicted: an ``int``, or a ``float`` in [0, 1] read as
+        a fraction of the budget the sinks leave. ``None``: the selector's default.
+    schedule:
+        ``"step"``: compress after every chunk of ``chunk_size`` tokens (prefill included) and
+        after every decoding step. ``"prefill"``: compress once at the end of the first
+        forward call, then only every ``decode_interval`` new tokens (never if ``None``).
+    chunk_size:
+        Tokens per step of the ``step`` schedule; 1 reproduces token-by-token streaming.
+    decode_interval:
+        With the ``prefill`` schedule, compress back to the budget every this many new tokens.
+    merge_window:
+        CaM's ``m``: kept neighbours an evicted value is merged into.
+    history_window:
+        Scissorhands' ``w``: steps over which low attention is counted (at most 62).
+    gqa:
+        How the query heads of a KV group are aggregated into per-KV-head statistics.
+    seed:
+        Seeds every random choice (CaM's Bernoulli gate).
+    """
+
+    budget: int | float | None = None
+    sink: int | None = None
+    recent: int | float | None = None
+    schedule: Schedule = "step"
+    chunk_size: int = 32
+    decode_interval: int | None = None
+    merge_window: int = 16
+    history_window: int = 16
+    gqa: GroupAggregation = "mean"
+    seed: int = 0
+
+    def __post_init__(self) -> None:
+        _check_budget(self.budget)
+        _check_int("chunk_size", self.chunk_size, minimum=1)
+        _check_int("merge_window", self.merge_window, minimum=1)
+        _check_int("history_window", self.history_window, minimum=1, maximum=62)
+        _check_int("seed", self.seed, minimum=0)
+        if self.sink is not None:
+            _check_int("sink", self.sink, minimum=0)
+        if self.recent is not None:
+            if isinstance(self.recent, float):
+                if not 0.0 <= self.recent <= 1.0:
+                    raise ValueError(f"recent as a float is a fraction of the budget in [0, 1], got {self.recent}")
+            else:
+                _check_int("recent", self.recent, minimum=0)
+        if self.schedule not in ("step", "prefill"):
+            raise ValueError(f"schedule must be 'step' or 'prefill', got {self.schedule!r}")
+        if self.decode_interval is not None:
+            if self.schedule != "prefill":
+                raise ValueError("decode_interval applies to the 'prefill' schedule only")
+            _check_int("decode_interval", self.decode_interval, minimum=1)
+        if self.gqa not in ("mean", "max", "sum"):
+            raise ValueError(f"gqa must be one of 'mean', 'max', 'sum', got {self.gqa!r}")
+        if isinstance(self.budget, int) and isinstance(self.sink, int) and isinstance(self.recent, int):
+            if self.sink + self.recent > self.budget:
+                raise ValueError(
+                    f"sink + recent = {self.sink} + {self.recent} exceeds the budget of {self.budget} entries"
+                )
+
+    def budgets_for(self, prompt_lengths: torch.Tensor) -> torch.Tensor:
+        """Entries kept per sequence, ``[batch]`` long, once the prompt lengths ``[batch]`` are known."""
+        if isinstance(self.budget, float):
+            return (prompt_lengths.double() * self.budget).ceil().long().clamp(min=1)
+        return torch.full_like(prompt_lengths, int(self.budget))
+
+    def windows_for(self, budgets: torch.Tensor, default_sink: int, default_recent: float) -> tuple[int, torch.Tensor]:
+        """Protected sink count and recent-window sizes ``[batch]`` for per-sequence ``budgets``."""
+        sink = default_sink if self.sink is None else self.sink
+        recent = default_recent if self.recent is None else self.recent
+        if isinstance(recent, float):
+            recent_sizes = ((budgets - sink).clamp(min=0).double() * recent).floor().long()
+        else:
+            recent_sizes = torch.full_like(budgets, recent)
+        if bool(((sink + recent_sizes) > budgets).any()):
+            raise ValueError(
+                f"sink + recent ({sink} + {recent_sizes.max().item()}) exceeds a sequence's budget of "
+                f"{budgets.min().item()} entries; lower sink/recent or raise the budget"
+            )
+        return sink, recent_sizes
+
+
+def _check_budget(budget: object) -> None:
+    if budget is None:
+        return
+    if isinstance(budget, bool) or not isinstance(budget, (int, float)):
+        raise TypeError(f"budget must be an int (tokens) or a float fraction in (0, 1], got {type(budget).__name__}")
+    if isinstance(budget, float):
+        if math.isnan(budget) or not 0.0 < budget <= 1.0:
+            raise ValueError(f"a float budget is a fraction in (0, 1], got {budget}")
+    elif budget <= 0:
+        raise ValueError(f"budget must be > 0 entries, got {budget}")
+
+
+def _check_int(name: str, value: object, minimum: int, maximum: int | None = None) -> None:
+    if isinstance(value, bool) or not isinstance(value, int):
+        raise TypeError(f"{name} must be an int, got {type(value).__name__}")
+    if value < minimum or (maximum is not None and value > maximum):
+        bound = f">= {minimum}" if maximum is None else f"in [{minimum}, {maximum}]"
+        raise ValueError(f"{name} must be {bound}, got {value}")

@@ -1,0 +1,123 @@
+"""The two halves of a method: a selector chooses what to evict, an absorber decides what
+happens to it. ``Method`` pairs them with a :class:`~kvmerge.config.CompressionConfig`.
+
+Adding a method is one small file: subclass :class:`Selector` or :class:`Absorber`, then
+register it in :mod:`kvmerge.registry`.
+"""
+
+from __future__ import annotations
+
+from abc import ABC, abstractmethod
+from dataclasses import dataclass, field
+from typing import ClassVar
+
+import torch
+
+from kvmerge.config import CompressionConfig
+from kvmerge.stats import Statistic
+
+
+@dataclass(frozen=True)
+class Entries:
+    """What a cache layer holds, per sequence and KV head.
+
+    Attributes
+    ----------
+    keys, values:
+        ``[batch, kv_heads, n, head_dim]``.
+    index:
+        ``[batch, kv_heads, n]`` int64 position of each entry within its sequence (padding not
+        counted); ``-1`` marks an empty slot (padding, or room another sequence needs).
+    stats:
+        Statistics by name, each ``[batch, kv_heads, n]``.
+    """
+
+    keys: torch.Tensor
+    values: torch.Tensor
+    index: torch.Tensor
+    stats: dict[str, torch.Tensor]
+
+
+@dataclass(frozen=True)
+class Eviction:
+    """One compression of a layer: ``before`` shrank to ``after``.
+
+    Attributes
+    ----------
+    before, after:
+        The entries before and after; ``after`` is mutable in place (its tensors are fresh).
+    kept_slots:
+        ``[batch, kv_heads, k]`` int64 slot in ``before`` of each entry of ``after``, in position
+        order; ``-1`` for an empty slot (these come first).
+    evicted:
+        ``[batch, kv_heads, n]`` bool, the valid entries of ``before`` that were evicted.
+    layer_idx:
+        The model layer, so random draws differ between layers.
+    """
+
+    before: Entries
+    after: Entries
+    kept_slots: torch.Tensor
+    evicted: torch.Tensor
+    layer_idx: int
+
+
+class Selector(ABC):
+    """Scores entries; the cache keeps the protected windows plus the best-scored rest."""
+
+    name: ClassVar[str]
+    description: ClassVar[str]
+    default_sink: ClassVar[int] = 0
+    default_recent: ClassVar[float] = 0.0  # fraction of the budget
+    compresses: ClassVar[bool] = True
+
+    def statistics(self, config: CompressionConfig) -> tuple[Statistic, ...]:
+        """Statistics this selector reads."""
+        return ()
+
+    @abstractmethod
+    def scores(self, entries: Entries, config: CompressionConfig) -> torch.Tensor:
+        """Keep-priority of each entry ``[batch, kv_heads, n]`` float: higher is kept first."""
+
+
+class Absorber(ABC):
+    """Acts on the entries a selector evicts (the default, no absorber, drops them)."""
+
+    name: ClassVar[str]
+    description: ClassVar[str]
+
+    def statistics(self, config: CompressionConfig) -> tuple[Statistic, ...]:
+        """Statistics this absorber reads."""
+        return ()
+
+    @abstractmethod
+    def absorb(self, eviction: Eviction, config: CompressionConfig) -> None:
+        """Fold the evicted entries into ``eviction.after`` in place."""
+
+
+@dataclass(frozen=True)
+class Method:
+    """A selector, an optional absorber and the options they run with."""
+
+    selector: Selector
+    absorber: Absorber | None
+    config: CompressionConfig
+    statistics: tuple[Statistic, ...] = field(init=False)
+
+    def __post_init__(self) -> None:
+        shared: dict[str, Statistic] = {}
+        parts = (self.selector, self.absorber) if self.absorber else (self.selector,)
+        for part in parts:
+            for stat in part.statistics(self.config):
+                if shared.setdefault(stat.name, stat) != stat:
+                    raise ValueError(f"{stat.name} is requested with two different settings")
+        object.__setattr__(self, "statistics", tuple(shared.values()))
+
+    @property
+    def name(self) -> str:
+        return self.selector.name + (f"+{self.absorber.name}" if self.absorber else "")
+
+    @property
+    def needs_attention(self) -> bool:
+        """Whether the cache must compute attention probabilities for this method."""
+        return bool(self.statistics)

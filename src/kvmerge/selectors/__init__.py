@@ -1,0 +1,1 @@
+"""Selectors: which entries to evict. One module per method."""

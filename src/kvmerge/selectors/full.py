@@ -1,0 +1,17 @@
+"""The full cache: keeps everything; the reference every method is measured against."""
+
+from __future__ import annotations
+
+import torch
+
+from kvmerge.config import CompressionConfig
+from kvmerge.method import Entries, Selector
+
+
+class Full(Selector):
+    name = "full"
+    description = "keep every entry (the reference; same logits as transformers' DynamicCache)"
+    compresses = False
+
+    def scores(self, entries: Entries, config: CompressionConfig) -> torch.Tensor:
+        return torch.zeros_like(entries.index, dtype=torch.float32)

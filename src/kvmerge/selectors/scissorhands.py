@@ -1,0 +1,24 @@
+"""Scissorhands (Liu et al. 2023): evict the entries that were unimportant most often lately."""
+
+from __future__ import annotations
+
+import torch
+
+from kvmerge.config import CompressionConfig
+from kvmerge.method import Entries, Selector
+from kvmerge.stats import LowAttentionHistory, Statistic
+
+
+class Scissorhands(Selector):
+    name = "scissorhands"
+    description = (
+        "Scissorhands: evict the entries most often below uniform attention over the last w steps; recent window"
+    )
+    default_recent = 0.5
+
+    def statistics(self, config: CompressionConfig) -> tuple[Statistic, ...]:
+        return (LowAttentionHistory(config.history_window, config.gqa),)
+
+    def scores(self, entries: Entries, config: CompressionConfig) -> torch.Tensor:
+        history = entries.stats[LowAttentionHistory.name]
+        return -LowAttentionHistory.count(history, config.history_window).float()

@@ -1,0 +1,100 @@
+"""Per-entry statistics that selectors and absorbers read, updated from attention probabilities.
+
+A statistic is a tensor ``[batch, kv_heads, entries]`` that lives beside the keys and values:
+the cache appends zeros for new entries and gathers it when it evicts, so a method never
+handles bookkeeping. Two methods asking for the same statistic (same ``name``) share it.
+"""
+
+from __future__ import annotations
+
+from abc import ABC, abstractmethod
+from dataclasses import dataclass
+
+import torch
+
+
+@dataclass(frozen=True)
+class Observation:
+    """The attention of a block of query rows over the current entries.
+
+    Attributes
+    ----------
+    probs:
+        ``[batch, kv_heads, group, rows, entries]`` softmax probabilities per query head
+        (query head ``h`` belongs to KV head ``h // group``); zero where not visible.
+    visible:
+        ``[batch, 1, rows, entries]`` bool, which entries each row attended (padding rows see none).
+    """
+
+    probs: torch.Tensor
+    visible: torch.Tensor
+
+
+def aggregate_group(probs: torch.Tensor, how: str) -> torch.Tensor:
+    """Reduce ``[batch, kv_heads, group, rows, n]`` over the group of query heads -> ``[batch, kv_heads, rows, n]``."""
+    if how == "mean":
+        return probs.mean(dim=2)
+    if how == "max":
+        return probs.amax(dim=2)
+    return probs.sum(dim=2)
+
+
+class Statistic(ABC):
+    """One named per-entry statistic."""
+
+    name: str
+    dtype: torch.dtype = torch.float32
+
+    @abstractmethod
+    def update(self, value: torch.Tensor, seen: Observation) -> torch.Tensor:
+        """Fold one block of attention rows into ``value`` ``[batch, kv_heads, n]``; return the new value."""
+
+
+@dataclass(frozen=True)
+class AccumulatedAttention(Statistic):
+    """H2O's Ā: the attention each entry received, summed over every query since it entered."""
+
+    gqa: str = "mean"
+    name: str = "accumulated_attention"
+
+    def update(self, value: torch.Tensor, seen: Observation) -> torch.Tensor:
+        return value + aggregate_group(seen.probs, self.gqa).sum(dim=2)
+
+
+@dataclass(frozen=True)
+class LowAttentionHistory(Statistic):
+    """Scissorhands' history: bit ``i`` is set when the query ``i`` steps ago gave the entry less
+    than the uniform share (1 / entries that query saw). Kept as an int64 bit field of ``window`` bits.
+    """
+
+    window: int = 16
+    gqa: str = "mean"
+    name: str = "low_attention_history"
+    dtype: torch.dtype = torch.int64
+
+    def update(self, value: torch.Tensor, seen: Observation) -> torch.Tensor:
+        probs = aggregate_group(seen.probs, self.gqa)  # [b, h, r, n]
+        rows = min(probs.shape[2], self.window)
+        probs, visible = probs[:, :, -rows:], seen.visible[:, :, -rows:]
+        uniform = 1.0 / visible.sum(dim=-1, keepdim=True).clamp(min=1)  # [b, 1, r, 1]
+        low = visible & (probs < uniform)
+        shifts = torch.arange(rows - 1, -1, -1, device=value.device).view(1, 1, rows, 1)
+        bits = (low.long() << shifts).sum(dim=2)
+        return ((value << rows) | bits) & ((1 << self.window) - 1)
+
+    @staticmethod
+    def count(value: torch.Tensor, window: int) -> torch.Tensor:
+        """Number of set bits of ``value`` ``[...]`` -> ``[...]`` int64."""
+        bits = torch.arange(window, device=value.device)
+        return ((value.unsqueeze(-1) >> bits) & 1).sum(dim=-1)
+
+
+@dataclass(frozen=True)
+class CurrentAttention(Statistic):
+    """TOVA's statistic: the newest query's attention, averaged over all query heads of the layer."""
+
+    name: str = "current_attention"
+
+    def update(self, value: torch.Tensor, seen: Observation) -> torch.Tensor:
+        last = seen.probs[:, :, :, -1].mean(dim=(1, 2))  # [b, n]
+        return last.unsqueeze(1).expand_as(value).contiguous()
