@@ -79,7 +79,8 @@ class KVMergeLayer(CacheLayerMixin):
     ) -> tuple[torch.Tensor, torch.Tensor]:
         """Receive a forward call's new keys/values ``[batch, kv_heads, q, head_dim]``; the attention
         function stores them (see the module docstring)."""
-        if self._pending is not None:
+        if self._pending is not None or take_pending_layer() is not None:
+            self._pending = None
             raise RuntimeError(
                 "kvmerge cache: the model's attention did not go through kvmerge. Create the cache with "
                 "kvmerge.make_cache(model, ...), which switches the model to the 'kvmerge' attention implementation."
@@ -139,10 +140,7 @@ class KVMergeLayer(CacheLayerMixin):
         first_call = self.seen == 0
         method, config = self.method, self.method.config
         if self.budgets is None and method.selector.compresses:
-            self.budgets = config.budgets_for(valid.sum(-1).to(self.device))
-            self.sink, self.recent = config.windows_for(
-                self.budgets, method.selector.default_sink, method.selector.default_recent
-            )
+            self.set_budgets(valid.sum(-1))
         if not method.selector.compresses:
             # Nothing is ever evicted, so transformers' own mask is exact: behave as DynamicCache.
             self._append(new_keys, new_values, valid, zero_padding=False)
@@ -151,13 +149,22 @@ class KVMergeLayer(CacheLayerMixin):
         step = length if config.schedule == "prefill" else config.chunk_size
         scaling = kwargs.get("scaling") or query.shape[-1] ** -0.5
         outputs = []
-        for start in range(0, length, step):
-            stop = min(start + step, length)
+        # Steps end at the call's last token, so left padding never shifts a sequence's step boundaries.
+        for stop in range(length, 0, -step)[::-1]:
+            start = max(stop - step, 0)
             self._append(new_keys[:, :, start:stop], new_values[:, :, start:stop], valid[:, start:stop])
             outputs.append(self._attend_step(query[:, :, start:stop], valid[:, start:stop], scaling))
             if self._should_compress(first_call):
                 self.compress()
         return torch.cat(outputs, dim=1)
+
+    def set_budgets(self, prompt_lengths: torch.Tensor) -> None:
+        """Fix each sequence's budget and protected windows from its prompt length ``[batch]``."""
+        selector = self.method.selector
+        self.budgets = self.method.config.budgets_for(prompt_lengths.to(self.device))
+        self.sink, self.recent = self.method.config.windows_for(
+            self.budgets, selector.default_sink, selector.default_recent
+        )
 
     def compress(self) -> None:
         """Shrink every sequence to its budget: protected windows first, then by the selector's scores."""
@@ -247,7 +254,11 @@ class KVMergeLayer(CacheLayerMixin):
         group = q_heads // heads
         if not self.method.needs_attention:
             out = scaled_dot_product_attention(
-                query, self.keys, self.values, attn_mask=mask.repeat_interleave(group, dim=1), scale=scaling,
+                query,
+                self.keys,
+                self.values,
+                attn_mask=mask.repeat_interleave(group, dim=1),
+                scale=scaling,
                 enable_gqa=group > 1,
             )
             return out.transpose(1, 2)
@@ -273,9 +284,9 @@ class KVMergeLayer(CacheLayerMixin):
 
     def _should_compress(self, first_call: bool) -> bool:
         config = self.method.config
-        if config.schedule == "prefill" and not first_call:
-            if config.decode_interval is None or self.since_compression < config.decode_interval:
-                return False
+        interval = config.decode_interval
+        if config.schedule == "prefill" and not first_call and (interval is None or self.since_compression < interval):
+            return False
         over_budget = (self.index >= 0).sum(-1).amax(-1) > self.budgets
         return bool(over_budget.any()) or self.index.shape[-1] > int(self.budgets.max())
 

@@ -78,11 +78,9 @@ class CompressionConfig:
             _check_int("decode_interval", self.decode_interval, minimum=1)
         if self.gqa not in ("mean", "max", "sum"):
             raise ValueError(f"gqa must be one of 'mean', 'max', 'sum', got {self.gqa!r}")
-        if isinstance(self.budget, int) and isinstance(self.sink, int) and isinstance(self.recent, int):
-            if self.sink + self.recent > self.budget:
-                raise ValueError(
-                    f"sink + recent = {self.sink} + {self.recent} exceeds the budget of {self.budget} entries"
-                )
+        fixed = all(isinstance(v, int) for v in (self.budget, self.sink, self.recent))
+        if fixed and self.sink + self.recent > self.budget:
+            raise ValueError(f"sink + recent = {self.sink} + {self.recent} exceeds the budget of {self.budget} entries")
 
     def budgets_for(self, prompt_lengths: torch.Tensor) -> torch.Tensor:
         """Entries kept per sequence, ``[batch]`` long, once the prompt lengths ``[batch]`` are known."""

@@ -38,9 +38,13 @@ def build_method(name: str, config: CompressionConfig) -> Method:
         raise TypeError(f"method must be a string like 'h2o+cam', got {type(name).__name__}")
     selector_name, _, absorber_name = name.strip().lower().partition("+")
     if selector_name not in SELECTORS:
-        raise ValueError(f"unknown selector {selector_name!r} in method {name!r}; valid methods: {', '.join(method_names())}")
+        raise ValueError(
+            f"unknown selector {selector_name!r} in method {name!r}; valid methods: {', '.join(method_names())}"
+        )
     if absorber_name and absorber_name not in ABSORBERS:
-        raise ValueError(f"unknown absorber {absorber_name!r} in method {name!r}; valid absorbers: {', '.join(ABSORBERS)}")
+        raise ValueError(
+            f"unknown absorber {absorber_name!r} in method {name!r}; valid absorbers: {', '.join(ABSORBERS)}"
+        )
     selector = SELECTORS[selector_name]()
     if absorber_name and not selector.compresses:
         raise ValueError(f"{name!r}: the {selector_name} selector never evicts, so there is nothing to {absorber_name}")

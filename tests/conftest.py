@@ -1,0 +1,72 @@
+"""Tiny randomly initialised models of every family kvmerge serves, and the real SmolLM2."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+from transformers import (
+    GPTNeoXConfig,
+    GPTNeoXForCausalLM,
+    LlamaConfig,
+    LlamaForCausalLM,
+    MistralConfig,
+    MistralForCausalLM,
+    OPTConfig,
+    OPTForCausalLM,
+    PreTrainedModel,
+    Qwen2Config,
+    Qwen2ForCausalLM,
+)
+
+VOCAB = 97
+
+
+def tiny_model(family: str, layers: int = 2, seed: int = 0) -> PreTrainedModel:
+    """A small random causal LM of ``family``; GQA (4 query / 2 KV heads) where the family has it."""
+    torch.manual_seed(seed)
+    common = dict(vocab_size=VOCAB, hidden_size=64, num_hidden_layers=layers, max_position_embeddings=1024)
+    if family == "llama":
+        model = LlamaForCausalLM(
+            LlamaConfig(**common, intermediate_size=96, num_attention_heads=4, num_key_value_heads=2)
+        )
+    elif family == "mistral":
+        config = MistralConfig(
+            **common, intermediate_size=96, num_attention_heads=4, num_key_value_heads=2, sliding_window=None
+        )
+        model = MistralForCausalLM(config)
+    elif family == "qwen2":
+        model = Qwen2ForCausalLM(
+            Qwen2Config(**common, intermediate_size=96, num_attention_heads=4, num_key_value_heads=2)
+        )
+    elif family == "opt":
+        config = OPTConfig(
+            vocab_size=VOCAB,
+            hidden_size=64,
+            num_hidden_layers=layers,
+            ffn_dim=96,
+            num_attention_heads=4,
+            max_position_embeddings=1024,
+            word_embed_proj_dim=64,
+        )
+        model = OPTForCausalLM(config)
+    elif family == "gpt_neox":
+        config = GPTNeoXConfig(**common, intermediate_size=96, num_attention_heads=4, rotary_pct=0.5)
+        model = GPTNeoXForCausalLM(config)
+    else:
+        raise ValueError(family)
+    return model.eval()
+
+
+FAMILIES = ["llama", "mistral", "qwen2", "opt", "gpt_neox"]
+
+
+@pytest.fixture(scope="session")
+def llama() -> PreTrainedModel:
+    return tiny_model("llama")
+
+
+@pytest.fixture(scope="session")
+def smollm2():
+    import kvmerge
+
+    return kvmerge.load_model("default")

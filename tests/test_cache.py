@@ -1,0 +1,215 @@
+"""The cache's common semantics: memory, batches, schedules, determinism, generation, errors."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+
+import kvmerge
+from tests.conftest import VOCAB, tiny_model
+
+
+def ids_of(length: int, seed: int = 0, batch: int = 1) -> torch.Tensor:
+    return torch.randint(3, VOCAB, (batch, length), generator=torch.Generator().manual_seed(seed))
+
+
+def run(model, method: str, ids: torch.Tensor, **options) -> tuple[torch.Tensor, kvmerge.KVMergeCache]:
+    cache = kvmerge.make_cache(model, method, **options)
+    with torch.no_grad():
+        return model(ids, past_key_values=cache).logits, cache
+
+
+@pytest.mark.parametrize("method", ["streaming", "h2o+cam", "scissorhands", "tova+cam"])
+def test_memory_accounting_is_exact(llama, method):
+    _, cache = run(llama, method, ids_of(50, batch=2), budget=12, chunk_size=4)
+    config = llama.config
+    per_entry = 2 * config.num_key_value_heads * (config.hidden_size // config.num_attention_heads) * 4  # K+V fp32
+    layers = config.num_hidden_layers
+    assert cache.kept_tokens() == 12
+    assert cache.kv_bytes() == layers * 2 * 12 * per_entry
+    assert cache.kv_bytes_full() == layers * 2 * 50 * per_entry
+    for layer in cache.layers:
+        assert layer.keys.shape[-2] == layer.values.shape[-2] == 12
+        assert all(value.shape[-1] == 12 for value in layer.stats.values())
+    # positions and statistics beside the entries stay small (int64 position + at most one 8-byte statistic)
+    assert cache.stats_bytes() <= layers * 2 * 12 * config.num_key_value_heads * 16
+
+
+def test_full_cache_accounting_matches_dynamic_cache(llama):
+    _, cache = run(llama, "full", ids_of(20))
+    assert cache.kv_bytes() == cache.kv_bytes_full() > 0
+    assert cache.get_seq_length() == 20
+
+
+def left_padded_batch(lengths: list[int]) -> tuple[list[torch.Tensor], torch.Tensor, torch.Tensor]:
+    sequences = [ids_of(n, seed=i) for i, n in enumerate(lengths)]
+    longest = max(lengths)
+    batch = torch.zeros(len(lengths), longest, dtype=torch.long)
+    mask = torch.zeros_like(batch)
+    for row, sequence in enumerate(sequences):
+        batch[row, longest - sequence.shape[1] :] = sequence[0]
+        mask[row, longest - sequence.shape[1] :] = 1
+    return sequences, batch, mask
+
+
+def generate(model, ids, cache, mask=None):
+    out = model.generate(
+        ids,
+        attention_mask=mask,
+        past_key_values=cache,
+        max_new_tokens=8,
+        do_sample=False,
+        output_logits=True,
+        return_dict_in_generate=True,
+        pad_token_id=0,
+    )
+    return torch.stack(out.logits, dim=1), out.sequences
+
+
+@pytest.mark.parametrize("method", ["full", "streaming", "h2o+cam", "scissorhands+cam", "tova"])
+@pytest.mark.parametrize("budget", [10, 0.5])
+def test_sequence_in_batch_equals_sequence_alone(llama, method, budget):
+    options = {} if method == "full" else {"budget": budget, "chunk_size": 3}
+    sequences, batch, mask = left_padded_batch([30, 22, 17])
+    batched, batch_tokens = generate(llama, batch, kvmerge.make_cache(llama, method, **options), mask)
+    for row, sequence in enumerate(sequences):
+        alone, alone_tokens = generate(llama, sequence, kvmerge.make_cache(llama, method, **options))
+        torch.testing.assert_close(batched[row], alone[0], atol=1e-5, rtol=1e-5)
+        assert torch.equal(batch_tokens[row, -8:], alone_tokens[0, -8:])
+
+
+def test_padding_is_never_kept(llama):
+    _, batch, mask = left_padded_batch([30, 12])
+    cache = kvmerge.make_cache(llama, "h2o", budget=10, chunk_size=2)
+    with torch.no_grad():
+        llama(batch, attention_mask=mask, past_key_values=cache)
+    for layer in cache.layers:
+        assert sorted(layer.index[1, 0].tolist()) == sorted(layer.index[1, 1].tolist())
+        assert (layer.index >= 0).all()  # both sequences are over budget: only real tokens are held
+        assert int(layer.index[1].max()) == 11
+
+
+@pytest.mark.parametrize("method", ["h2o+cam", "streaming+cam", "scissorhands+cam", "tova"])
+def test_same_seed_same_result(llama, method):
+    ids = ids_of(60)
+    first, _ = run(llama, method, ids, budget=16, chunk_size=1, seed=3)
+    again, _ = run(llama, method, ids, budget=16, chunk_size=1, seed=3)
+    assert torch.equal(first, again)
+
+
+def test_prefill_schedule_compresses_once_then_appends(llama):
+    cache = kvmerge.make_cache(llama, "h2o", budget=10, schedule="prefill")
+    with torch.no_grad():
+        llama(ids_of(40), past_key_values=cache)
+        assert cache.kept_tokens() == 10
+        for token in range(5):
+            llama(ids_of(1, seed=token), past_key_values=cache)
+    assert cache.kept_tokens() == 15
+    assert cache.get_seq_length() == 45
+
+
+def test_prefill_schedule_with_decode_interval(llama):
+    cache = kvmerge.make_cache(llama, "tova", budget=10, schedule="prefill", decode_interval=4)
+    sizes = []
+    with torch.no_grad():
+        llama(ids_of(40), past_key_values=cache)
+        for token in range(8):
+            llama(ids_of(1, seed=token), past_key_values=cache)
+            sizes.append(cache.kept_tokens())
+    assert sizes == [11, 12, 13, 10, 11, 12, 13, 10]
+
+
+def test_fraction_budget_is_a_fraction_of_the_prompt(llama):
+    _, cache = run(llama, "streaming", ids_of(40), budget=0.25, chunk_size=1)
+    assert cache.kept_tokens() == 10
+
+
+def test_generate_runs_in_a_fixed_budget(llama):
+    cache = kvmerge.make_cache(llama, "h2o+cam", budget=16, chunk_size=8)
+    out = llama.generate(ids_of(40), past_key_values=cache, max_new_tokens=30, do_sample=False, pad_token_id=0)
+    assert out.shape == (1, 70)
+    assert cache.kept_tokens() == 16
+    assert cache.get_seq_length() == 69
+
+
+def test_true_positions_survive_eviction(llama):
+    """Decoding after eviction must use true positions: compare with full attention over the same kept keys."""
+    ids = ids_of(30)
+    cache = kvmerge.make_cache(llama, "streaming", budget=30, chunk_size=1)
+    with torch.no_grad():
+        llama(ids[:, :29], past_key_values=cache)
+        last = llama(ids[:, 29:], past_key_values=cache).logits
+        full = llama(ids).logits[:, -1:]
+    torch.testing.assert_close(last, full, atol=1e-5, rtol=1e-5)
+
+
+def test_model_families_all_compress(family_model):
+    model = family_model
+    logits, cache = run(model, "h2o+cam", ids_of(40), budget=8, chunk_size=2)
+    assert cache.kept_tokens() == 8
+    assert torch.isfinite(logits).all()
+
+
+@pytest.fixture(params=["llama", "mistral", "qwen2", "opt", "gpt_neox"])
+def family_model(request):
+    return tiny_model(request.param)
+
+
+# ---- errors, raised before any compute --------------------------------------------------------------------------
+
+
+@pytest.mark.parametrize(
+    ("method", "budget", "options", "error", "message"),
+    [
+        ("h2o2", 10, {}, ValueError, "valid methods: full, streaming"),
+        ("h2o+zip", 10, {}, ValueError, "valid absorbers: cam"),
+        ("full+cam", 10, {}, ValueError, "never evicts"),
+        ("h2o", None, {}, ValueError, "needs a budget"),
+        ("h2o", 0, {}, ValueError, "budget must be > 0"),
+        ("h2o", -3, {}, ValueError, "budget must be > 0"),
+        ("h2o", 1.5, {}, ValueError, "fraction in (0, 1]"),
+        ("h2o", 0.0, {}, ValueError, "fraction in (0, 1]"),
+        ("h2o", "10", {}, TypeError, "budget must be an int"),
+        ("h2o", True, {}, TypeError, "budget must be an int"),
+        ("streaming", 10, {"sink": 4, "recent": 8}, ValueError, "exceeds the budget"),
+        ("h2o", 10, {"schedule": "always"}, ValueError, "schedule must be"),
+        ("h2o", 10, {"chunk_size": 0}, ValueError, "chunk_size must be >= 1"),
+        ("h2o", 10, {"decode_interval": 4}, ValueError, "'prefill' schedule only"),
+        ("h2o", 10, {"gqa": "median"}, ValueError, "gqa must be one of"),
+        ("h2o", 10, {"merge_window": 0}, ValueError, "merge_window must be >= 1"),
+        ("h2o", 10, {"history_window": 64}, ValueError, "history_window must be in [1, 62]"),
+        ("h2o", 10, {"seed": 1.5}, TypeError, "seed must be an int"),
+        ("h2o", 10, {"heavy": 5}, TypeError, "unknown option(s) heavy; valid options: sink"),
+        (3, 10, {}, TypeError, "method must be a string"),
+    ],
+)
+def test_bad_input_is_a_clear_error(llama, method, budget, options, error, message):
+    with pytest.raises(error) as info:
+        kvmerge.make_cache(llama, method, budget, **options)
+    assert message in str(info.value)
+
+
+def test_streaming_sinks_larger_than_budget(llama):
+    with pytest.raises(ValueError, match="exceeds a sequence's budget"):
+        run(llama, "streaming", ids_of(20), budget=3)
+
+
+def test_unsupported_attention_and_sliding_window_models():
+    model = tiny_model("llama")
+    model.config._attn_implementation = "flash_attention_2"
+    with pytest.raises(ValueError, match="attention implementation 'flash_attention_2' is not supported"):
+        kvmerge.make_cache(model, "h2o", 10)
+    mistral = tiny_model("mistral")
+    mistral.config.sliding_window = 16
+    with pytest.raises(ValueError, match="sliding-window"):
+        kvmerge.make_cache(mistral, "h2o", 10)
+
+
+def test_foreign_attention_is_detected(llama):
+    cache = kvmerge.make_cache(llama, "h2o", 10)
+    llama.set_attn_implementation("sdpa")
+    try:
+        with pytest.raises(RuntimeError, match="did not go through kvmerge"), torch.no_grad():
+            llama(ids_of(5), past_key_values=cache)
+    finally:
+        llama.set_attn_implementation("kvmerge")

@@ -1,0 +1,194 @@
+"""Each method against its definition in METHODS.md, on hand-made tensors."""
+
+from __future__ import annotations
+
+import math
+
+import pytest
+import torch
+
+import kvmerge
+from kvmerge.absorbers.cam import merge_probability
+from kvmerge.cache import KVMergeLayer
+from kvmerge.config import CompressionConfig
+from kvmerge.registry import build_method
+from kvmerge.rng import hashed_uniform
+from kvmerge.stats import AccumulatedAttention, CurrentAttention, LowAttentionHistory, Observation
+from tests.conftest import VOCAB
+
+DIM = 4
+
+
+def hand_made_layer(method: str, budget: int, positions: int, stats: dict, heads: int = 2, **options):
+    """A layer holding ``positions`` entries (positions 0..n-1) per head with the given statistics."""
+    layer = KVMergeLayer(build_method(method, CompressionConfig(budget=budget, **options)), layer_idx=0)
+    generator = torch.Generator().manual_seed(0)
+    keys = torch.randn(1, heads, positions, DIM, generator=generator)
+    values = torch.randn(1, heads, positions, DIM, generator=generator)
+    layer.lazy_initialization(keys[:, :, :0], values[:, :, :0])
+    layer.keys, layer.values = keys, values
+    layer.index = torch.arange(positions).expand(1, heads, positions).clone()
+    layer.stats = {name: value.clone() for name, value in stats.items()}
+    layer.valid_seen = torch.tensor([positions])
+    layer.seen = positions
+    layer.set_budgets(torch.tensor([positions]))
+    return layer
+
+
+def kept_positions(layer: KVMergeLayer) -> list[list[int]]:
+    return [sorted(row[row >= 0].tolist()) for row in layer.index[0]]
+
+
+def test_streaming_keeps_sinks_and_most_recent(llama):
+    ids = torch.randint(0, VOCAB, (1, 50), generator=torch.Generator().manual_seed(0))
+    cache = kvmerge.make_cache(llama, "streaming", budget=12, chunk_size=1)
+    with torch.no_grad():
+        llama(ids, past_key_values=cache)
+    expected = [0, 1, 2, 3, *range(42, 50)]
+    for layer in cache.layers:
+        assert layer.keys.shape[-2] == 12  # real eviction: the tensors shrank
+        assert kept_positions_all(layer) == [expected] * layer.index.shape[1]
+
+
+def kept_positions_all(layer):
+    return [row.tolist() for row in layer.index[0]]
+
+
+def test_h2o_keeps_heaviest_plus_recent_window():
+    acc = torch.tensor(
+        [[[5.0, 0.1, 3.0, 0.2, 4.0, 0.3, 0.0, 9.0, 9.0, 9.0], [0.1, 7.0, 0.2, 6.0, 0.3, 5.0, 0.0, 0.0, 0.0, 0.0]]]
+    )
+    layer = hand_made_layer("h2o", budget=6, positions=10, stats={AccumulatedAttention.name: acc})
+    layer.compress()
+    # recent window = 3 (positions 7-9), heavy = the 3 largest Ā among 0-6, per head
+    assert kept_positions(layer) == [[0, 2, 4, 7, 8, 9], [1, 3, 5, 7, 8, 9]]
+    assert layer.keys.shape == (1, 2, 6, DIM)
+
+
+def test_tova_keeps_largest_current_attention_without_windows():
+    current = torch.tensor([[0.30, 0.05, 0.20, 0.01, 0.10, 0.02, 0.25, 0.07]]).expand(1, 2, 8)
+    layer = hand_made_layer("tova", budget=3, positions=8, stats={CurrentAttention.name: current})
+    layer.compress()
+    assert kept_positions(layer) == [[0, 2, 6], [0, 2, 6]]
+
+
+def test_scissorhands_evicts_most_often_unimportant():
+    history = torch.tensor(
+        [[[0b1111, 0b0001, 0b0111, 0b0000, 0b0011, 0, 0, 0], [0b0000, 0b1111, 0b0001, 0b0111, 0b0011, 0, 0, 0]]]
+    )
+    layer = hand_made_layer(
+        "scissorhands", budget=6, positions=8, stats={LowAttentionHistory.name: history}, history_window=4
+    )
+    layer.compress()  # recent = 3 (5-7); keep the 3 lowest counts among 0-4
+    assert kept_positions(layer) == [[1, 3, 4, 5, 6, 7], [0, 2, 4, 5, 6, 7]]
+
+
+def test_statistics_update_from_hand_made_attention():
+    probs = torch.tensor([[[[[0.5, 0.3, 0.2], [0.1, 0.1, 0.8]], [[0.7, 0.2, 0.1], [0.3, 0.3, 0.4]]]]])  # [1,1,2,2,3]
+    visible = torch.ones(1, 1, 2, 3, dtype=torch.bool)
+    seen = Observation(probs, visible)
+    zero = torch.zeros(1, 1, 3)
+    torch.testing.assert_close(AccumulatedAttention("mean").update(zero, seen), torch.tensor([[[0.8, 0.45, 0.75]]]))
+    torch.testing.assert_close(AccumulatedAttention("max").update(zero, seen), torch.tensor([[[1.0, 0.6, 1.0]]]))
+    torch.testing.assert_close(AccumulatedAttention("sum").update(zero, seen), torch.tensor([[[1.6, 0.9, 1.5]]]))
+    torch.testing.assert_close(CurrentAttention().update(zero, seen), torch.tensor([[[0.2, 0.2, 0.6]]]))
+    # mean probs: row 0 = [0.6, 0.25, 0.15], row 1 = [0.2, 0.2, 0.6]; uniform 1/3; older row is the higher bit
+    history = LowAttentionHistory(window=3, gqa="mean").update(torch.zeros(1, 1, 3, dtype=torch.long), seen)
+    assert history.tolist() == [[[0b01, 0b11, 0b10]]]
+    assert LowAttentionHistory.count(torch.tensor([0b1011, 0]), 4).tolist() == [3, 0]
+    # the window forgets: shifting 3 more rows with window 3 keeps only them
+    again = LowAttentionHistory(window=2, gqa="mean").update(torch.tensor([[[0b11, 0b11, 0b11]]]), seen)
+    assert again.tolist() == [[[0b01, 0b11, 0b10]]]
+
+
+def test_low_attention_ignores_entries_a_row_could_not_see():
+    probs = torch.tensor([[[[[1.0, 0.0]]]]])
+    visible = torch.tensor([[[[True, False]]]])
+    history = LowAttentionHistory(window=4).update(torch.zeros(1, 1, 2, dtype=torch.long), Observation(probs, visible))
+    assert history.tolist() == [[[0, 0]]]
+
+
+@pytest.mark.parametrize(
+    ("evicted", "mean", "expected"),
+    [(0.5, 1.0, 0.5), (2.0, 1.0, 1.0), (0.0, 0.0, 0.0), (1.0, 0.0, 1.0), (float("nan"), 1.0, 0.0), (-1.0, 1.0, 0.0)],
+)
+def test_merge_probability_edge_cases(evicted, mean, expected):
+    p = merge_probability(torch.tensor([evicted]), torch.tensor([mean]))
+    assert p.item() == pytest.approx(expected)
+    assert not math.isnan(p.item())
+
+
+def test_cam_merges_values_per_formula_and_never_touches_keys():
+    # 8 entries, budget 5: recent = 2 (6, 7); the 3 heaviest of 0-5 stay, so 3 entries are evicted per head.
+    acc = torch.tensor([[[0.9, 0.8, 0.0, 0.7, 0.05, 0.2, 0.4, 0.4], [0.0, 0.6, 0.6, 0.3, 0.6, 0.0, 0.6, 0.6]]])
+    layer = hand_made_layer(
+        "h2o+cam", budget=5, positions=8, stats={AccumulatedAttention.name: acc}, merge_window=2, seed=7
+    )
+    keys, values = layer.keys.clone(), layer.values.clone()
+    layer.compress()
+    kept = kept_positions(layer)
+    assert kept == [[0, 1, 3, 6, 7], [1, 2, 4, 6, 7]]
+    expected = values.clone()
+    for h in range(2):
+        order = kept[h]
+        for i in sorted(set(range(8)) - set(order)):
+            after = [k for k in order if k > i][:2]
+            p = min(max(acc[0, h, i] / acc[0, h, after].mean(), 0.0), 1.0)
+            if torch.isnan(p):
+                p = torch.tensor(0.0)
+            draw = hashed_uniform(7, 0, torch.tensor(h), torch.tensor(i))
+            if draw < p:
+                for k in after:
+                    expected[0, h, k] += values[0, h, i] / 2
+        torch.testing.assert_close(layer.values[0, h], expected[0, h, order])
+        torch.testing.assert_close(layer.keys[0, h], keys[0, h, order])  # keys are never merged
+    assert not torch.equal(layer.values, values[:, :, :5])  # something was merged
+
+
+def test_cam_with_certain_gate_adds_value_over_m():
+    # recent = 2 (4, 5); the 3 heaviest of 0-3 are 1, 0, 2, so 3 is evicted with p = 0.5 / mean(0.5, 0.5) = 1
+    acc = torch.tensor([[[3.0, 5.0, 1.0, 0.5, 0.5, 0.5]]])
+    layer = hand_made_layer(
+        "h2o+cam", budget=5, positions=6, stats={AccumulatedAttention.name: acc}, heads=1, merge_window=2, recent=2
+    )
+    values = layer.values.clone()
+    layer.compress()
+    assert kept_positions(layer) == [[0, 1, 2, 4, 5]]
+    expected = values[0, 0, [0, 1, 2, 4, 5]].clone()
+    expected[3:] += values[0, 0, 3] / 2
+    torch.testing.assert_close(layer.values[0, 0], expected)
+
+
+def test_hashed_uniform_is_uniform_and_seeded():
+    positions = torch.arange(20000)
+    u = hashed_uniform(0, 3, torch.tensor(1), positions)
+    assert float(u.min()) >= 0.0 and float(u.max()) < 1.0
+    assert abs(float(u.mean()) - 0.5) < 0.01
+    assert torch.equal(u, hashed_uniform(0, 3, torch.tensor(1), positions))
+    assert not torch.equal(u, hashed_uniform(1, 3, torch.tensor(1), positions))
+    assert not torch.equal(u, hashed_uniform(0, 4, torch.tensor(1), positions))
+
+
+def test_cam_gate_draws_depend_on_the_seed():
+    # even positions 0-6 are light (evicted, p = 0.5 / 1.0), odd 1-7 heavy (kept), 8-11 recent; m = 1 pairs them
+    heads, positions = 64, 12
+    acc = torch.ones(1, heads, positions)
+    acc[..., 0:8:2] = 0.5
+    merged = []
+    for seed in (0, 1):
+        layer = hand_made_layer(
+            "h2o+cam",
+            budget=8,
+            positions=positions,
+            stats={AccumulatedAttention.name: acc},
+            heads=heads,
+            merge_window=1,
+            recent=4,
+            seed=seed,
+        )
+        values = layer.values.clone()
+        layer.compress()
+        assert kept_positions(layer)[0] == [1, 3, 5, 7, 8, 9, 10, 11]
+        merged.append((layer.values[:, :, :4] != values[:, :, 1:8:2]).any(-1))
+    assert not torch.equal(merged[0], merged[1])
+    assert 0.4 < float(torch.stack(merged).float().mean()) < 0.6
