@@ -213,3 +213,51 @@ def test_foreign_attention_is_detected(llama):
             llama(ids_of(5), past_key_values=cache)
     finally:
         llama.set_attn_implementation("kvmerge")
+
+
+# ---- StreamingLLM position shift ---------------------------------------------------------------------------------
+
+
+def test_key_rotation_composes_with_rope(llama):
+    from transformers.models.llama.modeling_llama import apply_rotary_pos_emb
+
+    from kvmerge.positions import KeyRotation
+
+    raw = torch.randn(1, 2, 5, 16, generator=torch.Generator().manual_seed(0))
+    rotary = llama.model.rotary_emb
+
+    def at(positions):
+        cos, sin = rotary(raw, torch.tensor([positions]))
+        return apply_rotary_pos_emb(raw, raw, cos, sin)[1]
+
+    shifted = KeyRotation.from_model(llama).rotate(
+        at([3, 9, 20, 21, 40]), torch.tensor([[-3, -5, 7, 0, -39]] * 2)[None]
+    )
+    torch.testing.assert_close(shifted, at([0, 4, 27, 21, 1]), atol=1e-5, rtol=1e-5)
+
+
+def test_position_shift_places_kept_keys_contiguously_before_the_next_token(llama):
+    from transformers.models.llama.modeling_llama import apply_rotary_pos_emb
+
+    ids = ids_of(50)
+    _, cache = run(llama, "streaming", ids, budget=12, chunk_size=1, position_shift=True)
+    attention = llama.model.layers[0].self_attn
+    with torch.no_grad():  # layer 0's unrotated keys depend only on the embeddings
+        hidden = llama.model.layers[0].input_layernorm(llama.model.embed_tokens(ids))
+        raw = attention.k_proj(hidden).view(1, 50, -1, attention.head_dim).transpose(1, 2)
+    kept = [0, 1, 2, 3, *range(42, 50)]
+    cos, sin = llama.model.rotary_emb(raw, torch.arange(38, 50)[None])
+    expected = apply_rotary_pos_emb(raw[:, :, kept], raw[:, :, kept], cos, sin)[1]
+    torch.testing.assert_close(cache.layers[0].keys, expected, atol=1e-5, rtol=1e-5)
+
+
+def test_position_shift_is_identity_without_eviction(llama):
+    ids = ids_of(20)
+    shifted, _ = run(llama, "streaming+cam", ids, budget=20, chunk_size=1, position_shift=True)
+    with torch.no_grad():
+        torch.testing.assert_close(shifted, llama(ids).logits, atol=1e-5, rtol=1e-5)
+
+
+def test_position_shift_needs_rope():
+    with pytest.raises(ValueError, match="needs rotary position embeddings"):
+        kvmerge.make_cache(tiny_model("opt"), "streaming", 10, position_shift=True)

@@ -10,6 +10,7 @@ from kvmerge import attention
 from kvmerge.cache import KVMergeCache
 from kvmerge.config import CompressionConfig
 from kvmerge.models import check_model, load_model
+from kvmerge.positions import KeyRotation
 from kvmerge.registry import build_method, describe_methods, method_names
 
 __all__ = ["CompressionConfig", "KVMergeCache", "describe_methods", "load_model", "make_cache", "method_names"]
@@ -26,7 +27,7 @@ def make_cache(
     ``budget`` is entries kept per KV head (int) or a fraction of the prompt (float in (0, 1]);
     ``options`` are the other :class:`CompressionConfig` fields (``sink``, ``recent``,
     ``schedule``, ``chunk_size``, ``decode_interval``, ``merge_window``, ``history_window``,
-    ``gqa``, ``seed``). Everything is validated before any compute. Switches the model to the
+    ``position_shift``, ``gqa``, ``seed``). Everything is validated before any compute. Switches the model to the
     ``kvmerge`` attention implementation (SDPA underneath), which leaves other caches unchanged.
     """
     unknown = sorted(set(options) - set(_OPTIONS))
@@ -36,6 +37,7 @@ def make_cache(
     if not isinstance(model, PreTrainedModel):
         raise TypeError(f"model must be a transformers PreTrainedModel, got {type(model).__name__}")
     check_model(model)
+    key_rotation = KeyRotation.from_model(model) if built.config.position_shift else None
     if model.config._attn_implementation != attention.NAME:
         model.set_attn_implementation(attention.NAME)
-    return KVMergeCache(built, model.config.get_text_config(decoder=True).num_hidden_layers)
+    return KVMergeCache(built, model.config.get_text_config(decoder=True).num_hidden_layers, key_rotation)

@@ -24,6 +24,7 @@ from transformers.cache_utils import Cache, CacheLayerMixin
 from transformers.integrations.sdpa_attention import sdpa_attention_forward
 
 from kvmerge.method import Entries, Eviction, Method
+from kvmerge.positions import KeyRotation
 from kvmerge.stats import Observation
 
 _handoff = threading.local()
@@ -51,10 +52,11 @@ class KVMergeLayer(CacheLayerMixin):
     is_sliding = False
     is_croppable = False
 
-    def __init__(self, method: Method, layer_idx: int):
+    def __init__(self, method: Method, layer_idx: int, key_rotation: KeyRotation | None = None):
         super().__init__()
         self.method = method
         self.layer_idx = layer_idx
+        self.key_rotation = key_rotation
         self.seen = 0
         self._pending: tuple[torch.Tensor, torch.Tensor] | None = None
 
@@ -70,6 +72,7 @@ class KVMergeLayer(CacheLayerMixin):
             s.name: torch.zeros(batch, heads, 0, dtype=s.dtype, device=self.device) for s in self.method.statistics
         }
         self.valid_seen = torch.zeros(batch, dtype=torch.long, device=self.device)
+        self.rotated_at = self.index.clone()  # the position each key is rotated at (position shift)
         self.budgets: torch.Tensor | None = None
         self.since_compression = 0
         self.is_initialized = True
@@ -193,7 +196,18 @@ class KVMergeLayer(CacheLayerMixin):
             eviction = Eviction(before, after, kept_slots, evicted, self.layer_idx)
             self.method.absorber.absorb(eviction, self.method.config)
         self.keys, self.values, self.index, self.stats = after.keys, after.values, after.index, after.stats
+        if self.key_rotation is not None:
+            self.rotated_at = self.rotated_at.gather(-1, slots)
+            self._shift_positions()
         self.since_compression = 0
+
+    def _shift_positions(self) -> None:
+        """Re-rotate kept keys so the valid ones sit contiguously just before the next token."""
+        kept = self.index >= 0
+        behind = kept.flip(-1).long().cumsum(-1).flip(-1)  # kept entries at or after each slot
+        target = torch.where(kept, self.valid_seen.view(-1, 1, 1) - behind, self.rotated_at)
+        self.keys = self.key_rotation.rotate(self.keys, target - self.rotated_at)
+        self.rotated_at = target
 
     def kv_bytes(self) -> int:
         """Bytes of keys and values actually held."""
@@ -228,6 +242,8 @@ class KVMergeLayer(CacheLayerMixin):
         self.keys = torch.cat([self.keys, keys], dim=-2)
         self.values = torch.cat([self.values, values], dim=-2)
         self.index = torch.cat([self.index, index], dim=-1)
+        if self.key_rotation is not None:
+            self.rotated_at = torch.cat([self.rotated_at, index], dim=-1)
         for stat in self.method.statistics:
             fresh = torch.zeros(batch, heads, rows, dtype=stat.dtype, device=self.device)
             self.stats[stat.name] = torch.cat([self.stats[stat.name], fresh], dim=-1)
@@ -293,7 +309,9 @@ class KVMergeLayer(CacheLayerMixin):
     def _map_batch(self, fn: Callable[[torch.Tensor], torch.Tensor]) -> None:
         if not self.is_initialized:
             return
-        self.keys, self.values, self.index = fn(self.keys), fn(self.values), fn(self.index)
+        self.keys, self.values, self.index, self.rotated_at = map(
+            fn, (self.keys, self.values, self.index, self.rotated_at)
+        )
         self.stats = {name: fn(value) for name, value in self.stats.items()}
         self.valid_seen = fn(self.valid_seen)
         if self.budgets is not None:
@@ -304,8 +322,8 @@ class KVMergeCache(Cache):
     """A transformers ``Cache`` bounded by a :class:`~kvmerge.method.Method`; build it with
     :func:`kvmerge.make_cache`."""
 
-    def __init__(self, method: Method, num_layers: int):
-        super().__init__(layers=[KVMergeLayer(method, i) for i in range(num_layers)])
+    def __init__(self, method: Method, num_layers: int, key_rotation: KeyRotation | None = None):
+        super().__init__(layers=[KVMergeLayer(method, i, key_rotation) for i in range(num_layers)])
         self.method = method
 
     def update(

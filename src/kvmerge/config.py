@@ -39,6 +39,9 @@ class CompressionConfig:
         CaM's ``m``: kept neighbours an evicted value is merged into.
     history_window:
         Scissorhands' ``w``: steps over which low attention is counted (at most 62).
+    position_shift:
+        StreamingLLM's position shift: after each compression, re-rotate the kept keys so they sit
+        contiguously before the next token (RoPE models only). Off: keys keep their true positions.
     gqa:
         How the query heads of a KV group are aggregated into per-KV-head statistics.
     seed:
@@ -53,6 +56,7 @@ class CompressionConfig:
     decode_interval: int | None = None
     merge_window: int = 16
     history_window: int = 16
+    position_shift: bool = False
     gqa: GroupAggregation = "mean"
     seed: int = 0
 
@@ -76,6 +80,8 @@ class CompressionConfig:
             if self.schedule != "prefill":
                 raise ValueError("decode_interval applies to the 'prefill' schedule only")
             _check_int("decode_interval", self.decode_interval, minimum=1)
+        if not isinstance(self.position_shift, bool):
+            raise TypeError(f"position_shift must be a bool, got {type(self.position_shift).__name__}")
         if self.gqa not in ("mean", "max", "sum"):
             raise ValueError(f"gqa must be one of 'mean', 'max', 'sum', got {self.gqa!r}")
         fixed = all(isinstance(v, int) for v in (self.budget, self.sink, self.recent))
