@@ -74,6 +74,7 @@ class KVMergeLayer(CacheLayerMixin):
         self.valid_seen = torch.zeros(batch, dtype=torch.long, device=self.device)
         self.rotated_at = self.index.clone()  # the position each key is rotated at (position shift)
         self.budgets: torch.Tensor | None = None
+        self.has_empty = False  # whether any slot holds no entry (index -1)
         self.since_compression = 0
         self.is_initialized = True
 
@@ -140,13 +141,14 @@ class KVMergeLayer(CacheLayerMixin):
         self._pending = None
         length = new_keys.shape[-2]
         valid = _new_token_validity(attention_mask, self.keys.shape[-2], length, query.shape[0], self.device)
+        padded = attention_mask is not None and not bool(valid.all())
         first_call = self.seen == 0
         method, config = self.method, self.method.config
         if self.budgets is None and method.selector.compresses:
             self.set_budgets(valid.sum(-1))
         if not method.selector.compresses:
             # Nothing is ever evicted, so transformers' own mask is exact: behave as DynamicCache.
-            self._append(new_keys, new_values, valid, zero_padding=False)
+            self._append(new_keys, new_values, valid, padded=False)
             out, _ = sdpa_attention_forward(module, query, self.keys, self.values, attention_mask, **kwargs)
             return out
         step = length if config.schedule == "prefill" else config.chunk_size
@@ -155,7 +157,7 @@ class KVMergeLayer(CacheLayerMixin):
         # Steps end at the call's last token, so left padding never shifts a sequence's step boundaries.
         for stop in range(length, 0, -step)[::-1]:
             start = max(stop - step, 0)
-            self._append(new_keys[:, :, start:stop], new_values[:, :, start:stop], valid[:, start:stop])
+            self._append(new_keys[:, :, start:stop], new_values[:, :, start:stop], valid[:, start:stop], padded)
             outputs.append(self._attend_step(query[:, :, start:stop], valid[:, start:stop], scaling))
             if self._should_compress(first_call):
                 self.compress()
@@ -165,6 +167,7 @@ class KVMergeLayer(CacheLayerMixin):
         """Fix each sequence's budget and protected windows from its prompt length ``[batch]``."""
         selector = self.method.selector
         self.budgets = self.method.config.budgets_for(prompt_lengths.to(self.device))
+        self.budget_max, self.budget_min = int(self.budgets.max()), int(self.budgets.min())
         self.sink, self.recent = self.method.config.windows_for(
             self.budgets, selector.default_sink, selector.default_recent
         )
@@ -177,18 +180,19 @@ class KVMergeLayer(CacheLayerMixin):
         protected = valid & ((before.index < self.sink) | (before.index >= recent_start))
         scores = self.method.selector.scores(before, self.method.config).float()
         scores = scores.masked_fill(protected, float("inf")).masked_fill(~valid, float("-inf"))
-        kept = min(before.index.shape[-1], int(self.budgets.max()))
+        kept = min(before.index.shape[-1], self.budget_max)
         # Stable sort: among equal scores the older entry wins, alone or in any batch.
         ranked = torch.sort(scores, dim=-1, descending=True, stable=True).indices[..., :kept]
         rank = torch.arange(kept, device=self.device)
         keep = (rank < self.budgets.view(-1, 1, 1)) & valid.gather(-1, ranked)
         kept_slots, order = torch.sort(torch.where(keep, ranked, -1), dim=-1)
         slots = ranked.gather(-1, order)
+        rows = _flat_rows(slots, before.index.shape[-1])
         after = Entries(
-            keys=_gather_entries(before.keys, slots),
-            values=_gather_entries(before.values, slots),
-            index=torch.where(kept_slots >= 0, before.index.gather(-1, slots), -1),
-            stats={name: value.gather(-1, slots) for name, value in before.stats.items()},
+            keys=_gather_entries(before.keys, rows),
+            values=_gather_entries(before.values, rows),
+            index=torch.where(kept_slots >= 0, _gather_entries(before.index, rows), -1),
+            stats={name: _gather_entries(value, rows) for name, value in before.stats.items()},
         )
         evicted = valid.clone()
         evicted.scatter_(-1, slots, ~keep.gather(-1, order) & evicted.gather(-1, slots))
@@ -196,8 +200,9 @@ class KVMergeLayer(CacheLayerMixin):
             eviction = Eviction(before, after, kept_slots, evicted, self.layer_idx)
             self.method.absorber.absorb(eviction, self.method.config)
         self.keys, self.values, self.index, self.stats = after.keys, after.values, after.index, after.stats
+        self.has_empty = bool((kept_slots < 0).any())
         if self.key_rotation is not None:
-            self.rotated_at = self.rotated_at.gather(-1, slots)
+            self.rotated_at = _gather_entries(self.rotated_at, rows)
             self._shift_positions()
         self.since_compression = 0
 
@@ -231,11 +236,13 @@ class KVMergeLayer(CacheLayerMixin):
 
     # internals ---------------------------------------------------------------------------
 
-    def _append(self, keys: torch.Tensor, values: torch.Tensor, valid: torch.Tensor, zero_padding: bool = True) -> None:
-        """Add a step's entries ``[batch, kv_heads, r, head_dim]`` with their validity ``[batch, r]``."""
+    def _append(self, keys: torch.Tensor, values: torch.Tensor, valid: torch.Tensor, padded: bool) -> None:
+        """Add a step's entries ``[batch, kv_heads, r, head_dim]`` with their validity ``[batch, r]``;
+        ``padded`` says whether the forward call has padding at all."""
         batch, heads, rows = keys.shape[:3]
-        if zero_padding and not bool(valid.all()):  # padding never carries NaN into merges
-            keys = keys * valid.view(batch, 1, rows, 1)
+        if padded and self.method.selector.compresses and not bool(valid.all()):
+            self.has_empty = True
+            keys = keys * valid.view(batch, 1, rows, 1)  # padding never carries NaN into merges
             values = values * valid.view(batch, 1, rows, 1)
         positions = self.valid_seen.view(-1, 1) + valid.long().cumsum(-1) - 1
         index = torch.where(valid, positions, -1).unsqueeze(1).expand(batch, heads, rows)
@@ -251,11 +258,13 @@ class KVMergeLayer(CacheLayerMixin):
         self.seen += rows
         self.since_compression += rows
 
-    def _step_mask(self, valid: torch.Tensor) -> torch.Tensor:
+    def _step_mask(self, valid: torch.Tensor) -> torch.Tensor | None:
         """Which entries each of the step's rows sees ``[batch, kv_heads, r, n]``: the valid kept
         entries, and the step's valid tokens causally. A row always sees itself, so padding rows
-        stay finite (nothing valid ever sees padding)."""
+        stay finite (nothing valid ever sees padding). ``None`` when a single row sees everything."""
         rows, n = valid.shape[-1], self.index.shape[-1]
+        if rows == 1 and not self.has_empty:
+            return None
         old = (self.index[..., : n - rows] >= 0).unsqueeze(2).expand(-1, -1, rows, -1)
         causal = torch.ones(rows, rows, dtype=torch.bool, device=self.device).tril()
         new = (causal & valid.view(-1, 1, 1, rows)) | torch.eye(rows, dtype=torch.bool, device=self.device)
@@ -273,7 +282,7 @@ class KVMergeLayer(CacheLayerMixin):
                 query,
                 self.keys,
                 self.values,
-                attn_mask=mask.repeat_interleave(group, dim=1),
+                attn_mask=None if mask is None else mask.repeat_interleave(group, dim=1),
                 scale=scaling,
                 enable_gqa=group > 1,
             )
@@ -287,11 +296,15 @@ class KVMergeLayer(CacheLayerMixin):
             q = grouped[:, :, :, start:stop].reshape(batch, heads, group * (stop - start), dim)
             scores = torch.matmul(q.float(), self.keys.float().transpose(-1, -2)) * scaling
             scores = scores.view(batch, heads, group, stop - start, n)
-            block_mask = mask[:, :, start:stop]
-            probs = scores.masked_fill(~block_mask.unsqueeze(2), float("-inf")).softmax(dim=-1)
+            if mask is None:
+                visible = torch.ones(1, 1, 1, n, dtype=torch.bool, device=self.device)
+            else:
+                block_mask = mask[:, :, start:stop]
+                scores = scores.masked_fill(~block_mask.unsqueeze(2), float("-inf"))
+                visible = block_mask[:, :1] & valid[:, start:stop].view(batch, 1, -1, 1)
+            probs = scores.softmax(dim=-1)
             out = torch.matmul(probs.view(batch, heads, -1, n), self.values.float())
             outputs.append(out.view(batch, heads, group, stop - start, dim).to(query.dtype))
-            visible = block_mask[:, :1] & valid[:, start:stop].view(batch, 1, -1, 1)
             seen = Observation(probs, visible)
             for stat in self.method.statistics:
                 self.stats[stat.name] = stat.update(self.stats[stat.name], seen)
@@ -303,8 +316,11 @@ class KVMergeLayer(CacheLayerMixin):
         interval = config.decode_interval
         if config.schedule == "prefill" and not first_call and (interval is None or self.since_compression < interval):
             return False
-        over_budget = (self.index >= 0).sum(-1).amax(-1) > self.budgets
-        return bool(over_budget.any()) or self.index.shape[-1] > int(self.budgets.max())
+        if self.index.shape[-1] > self.budget_max:
+            return True
+        if self.budget_min == self.budget_max:  # nobody holds more valid entries than there are slots
+            return False
+        return bool(((self.index >= 0).sum(-1).amax(-1) > self.budgets).any())
 
     def _map_batch(self, fn: Callable[[torch.Tensor], torch.Tensor]) -> None:
         if not self.is_initialized:
@@ -352,9 +368,18 @@ class KVMergeCache(Cache):
         return f"KVMergeCache(method={self.method.name!r}, layers={len(self.layers)}, seen={self.get_seq_length()})"
 
 
-def _gather_entries(tensor: torch.Tensor, slots: torch.Tensor) -> torch.Tensor:
-    """Pick ``slots`` ``[batch, kv_heads, k]`` along the entry axis of ``[batch, kv_heads, n, d]``."""
-    return tensor.gather(2, slots.unsqueeze(-1).expand(-1, -1, -1, tensor.shape[-1]))
+def _flat_rows(slots: torch.Tensor, n: int) -> torch.Tensor:
+    """Row numbers of ``slots`` ``[batch, kv_heads, k]`` in a ``[batch * kv_heads * n, ...]`` flattening."""
+    batch, heads, kept = slots.shape
+    offsets = torch.arange(0, batch * heads * n, n, device=slots.device).view(batch, heads, 1)
+    return (slots + offsets).view(-1)
+
+
+def _gather_entries(tensor: torch.Tensor, rows: torch.Tensor) -> torch.Tensor:
+    """Pick flat ``rows`` (see :func:`_flat_rows`) of ``[batch, kv_heads, n, ...]`` -> ``[batch, kv_heads, k, ...]``."""
+    batch, heads, n = tensor.shape[:3]
+    picked = tensor.reshape(batch * heads * n, *tensor.shape[3:]).index_select(0, rows)
+    return picked.view(batch, heads, -1, *tensor.shape[3:])
 
 
 def _new_token_validity(

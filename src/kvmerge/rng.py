@@ -11,8 +11,8 @@ import torch
 _MASK32 = 0xFFFFFFFF
 
 
-def _mix(x: torch.Tensor) -> torch.Tensor:
-    """A 32-bit integer finaliser (products stay below 2**63, so int64 never overflows)."""
+def _mix(x: torch.Tensor | int) -> torch.Tensor | int:
+    """A 32-bit integer finaliser on tensors or ints (products stay below 2**63: no int64 overflow)."""
     x = ((x >> 16) ^ x) * 0x45D9F3B & _MASK32
     x = ((x >> 16) ^ x) * 0x45D9F3B & _MASK32
     return (x >> 16) ^ x
@@ -20,7 +20,7 @@ def _mix(x: torch.Tensor) -> torch.Tensor:
 
 def hashed_uniform(seed: int, layer_idx: int, heads: torch.Tensor, positions: torch.Tensor) -> torch.Tensor:
     """Uniform floats in [0, 1), one per element of the broadcast of ``heads`` and ``positions``."""
-    x = _mix(torch.tensor((seed * 0x9E3779B1 + layer_idx) & _MASK32, device=positions.device, dtype=torch.int64))
-    x = _mix(x ^ (heads.long() & _MASK32))
+    base = _mix(_mix(seed & _MASK32) ^ (layer_idx & _MASK32))
+    x = _mix(heads.long() ^ base)
     x = _mix(x ^ (positions.long() & _MASK32))
     return x.double().div(2.0**32).float()
