@@ -370,7 +370,7 @@ class KVMergeCache(Cache):
 
 def _flat_rows(slots: torch.Tensor, n: int) -> torch.Tensor:
     """Row numbers of ``slots`` ``[batch, kv_heads, k]`` in a ``[batch * kv_heads * n, ...]`` flattening."""
-    batch, heads, kept = slots.shape
+    batch, heads = slots.shape[:2]
     offsets = torch.arange(0, batch * heads * n, n, device=slots.device).view(batch, heads, 1)
     return (slots + offsets).view(-1)
 
