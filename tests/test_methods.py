@@ -13,7 +13,13 @@ from kvmerge.cache import KVMergeLayer
 from kvmerge.config import CompressionConfig
 from kvmerge.registry import build_method
 from kvmerge.rng import hashed_uniform
-from kvmerge.stats import AccumulatedAttention, CurrentAttention, LowAttentionHistory, Observation
+from kvmerge.stats import (
+    AccumulatedAttention,
+    AttentionHistory,
+    CurrentAttention,
+    Observation,
+    ObservationWindowAttention,
+)
 from tests.conftest import VOCAB
 
 DIM = 4
@@ -21,7 +27,7 @@ DIM = 4
 
 def hand_made_layer(method: str, budget: int, positions: int, stats: dict, heads: int = 2, **options):
     """A layer holding ``positions`` entries (positions 0..n-1) per head with the given statistics."""
-    layer = KVMergeLayer(build_method(method, CompressionConfig(budget=budget, **options)), layer_idx=0)
+    layer = KVMergeLayer(kvmerge.make_method(method, budget, **options), layer_idx=0)
     generator = torch.Generator().manual_seed(0)
     keys = torch.randn(1, heads, positions, DIM, generator=generator)
     values = torch.randn(1, heads, positions, DIM, generator=generator)
@@ -77,7 +83,7 @@ def test_scissorhands_evicts_most_often_unimportant():
         [[[0b1111, 0b0001, 0b0111, 0b0000, 0b0011, 0, 0, 0], [0b0000, 0b1111, 0b0001, 0b0111, 0b0011, 0, 0, 0]]]
     )
     layer = hand_made_layer(
-        "scissorhands", budget=6, positions=8, stats={LowAttentionHistory.name: history}, history_window=4
+        "scissorhands", budget=6, positions=8, stats={"low_attention_history": history}, history_window=4
     )
     layer.compress()  # recent = 3 (5-7); keep the 3 lowest counts among 0-4
     assert kept_positions(layer) == [[1, 3, 4, 5, 6, 7], [0, 2, 4, 5, 6, 7]]
@@ -86,25 +92,27 @@ def test_scissorhands_evicts_most_often_unimportant():
 def test_statistics_update_from_hand_made_attention():
     probs = torch.tensor([[[[[0.5, 0.3, 0.2], [0.1, 0.1, 0.8]], [[0.7, 0.2, 0.1], [0.3, 0.3, 0.4]]]]])  # [1,1,2,2,3]
     visible = torch.ones(1, 1, 2, 3, dtype=torch.bool)
-    seen = Observation(probs, visible)
+    seen = Observation(probs, visible, torch.tensor([[0, 1]]), torch.tensor([3]))
     zero = torch.zeros(1, 1, 3)
     torch.testing.assert_close(AccumulatedAttention("mean").update(zero, seen), torch.tensor([[[0.8, 0.45, 0.75]]]))
     torch.testing.assert_close(AccumulatedAttention("max").update(zero, seen), torch.tensor([[[1.0, 0.6, 1.0]]]))
     torch.testing.assert_close(AccumulatedAttention("sum").update(zero, seen), torch.tensor([[[1.6, 0.9, 1.5]]]))
     torch.testing.assert_close(CurrentAttention().update(zero, seen), torch.tensor([[[0.2, 0.2, 0.6]]]))
     # mean probs: row 0 = [0.6, 0.25, 0.15], row 1 = [0.2, 0.2, 0.6]; uniform 1/3; older row is the higher bit
-    history = LowAttentionHistory(window=3, gqa="mean").update(torch.zeros(1, 1, 3, dtype=torch.long), seen)
+    history = AttentionHistory(window=3, gqa="mean").update(torch.zeros(1, 1, 3, dtype=torch.long), seen)
     assert history.tolist() == [[[0b01, 0b11, 0b10]]]
-    assert LowAttentionHistory.count(torch.tensor([0b1011, 0]), 4).tolist() == [3, 0]
+    assert AttentionHistory.count(torch.tensor([0b1011, 0]), 4).tolist() == [3, 0]
     # the window forgets: shifting 3 more rows with window 3 keeps only them
-    again = LowAttentionHistory(window=2, gqa="mean").update(torch.tensor([[[0b11, 0b11, 0b11]]]), seen)
+    again = AttentionHistory(window=2, gqa="mean").update(torch.tensor([[[0b11, 0b11, 0b11]]]), seen)
     assert again.tolist() == [[[0b01, 0b11, 0b10]]]
 
 
 def test_low_attention_ignores_entries_a_row_could_not_see():
     probs = torch.tensor([[[[[1.0, 0.0]]]]])
     visible = torch.tensor([[[[True, False]]]])
-    history = LowAttentionHistory(window=4).update(torch.zeros(1, 1, 2, dtype=torch.long), Observation(probs, visible))
+    history = AttentionHistory(window=4).update(
+        torch.zeros(1, 1, 2, dtype=torch.long), Observation(probs, visible, torch.tensor([[1]]), torch.tensor([2]))
+    )
     assert history.tolist() == [[[0, 0]]]
 
 
@@ -192,3 +200,73 @@ def test_cam_gate_draws_depend_on_the_seed():
         merged.append((layer.values[:, :, :4] != values[:, :, 1:8:2]).any(-1))
     assert not torch.equal(merged[0], merged[1])
     assert 0.4 < float(torch.stack(merged).float().mean()) < 0.6
+
+
+def test_knorm_keeps_smallest_key_norms():
+    layer = hand_made_layer("knorm", budget=3, positions=6, stats={}, heads=1)
+    layer.keys = torch.tensor([[[[3.0, 0], [0.5, 0], [2.0, 0], [0, 0.1], [0, 4.0], [1.0, 1.0]]]])
+    layer.values = torch.zeros_like(layer.keys)
+    layer.compress()
+    assert kept_positions(layer) == [[1, 3, 5]]
+
+
+def test_random_is_seeded_and_changes_every_step():
+    def evicted(seed: int, seen: int) -> list[int]:
+        layer = hand_made_layer("random", budget=6, positions=10, stats={}, heads=1, seed=seed)
+        layer.valid_seen = torch.tensor([seen])
+        layer.compress()
+        return sorted(set(range(10)) - set(kept_positions(layer)[0]))
+
+    assert evicted(0, 10) == evicted(0, 10)
+    assert len({tuple(evicted(seed, seen)) for seed in range(3) for seen in range(10, 14)}) > 6
+    counts = torch.zeros(10)
+    for seen in range(10, 410):
+        counts[evicted(1, seen)] += 1
+    assert counts.min() > 100 and counts.max() < 220  # 160 expected per position
+
+
+def test_corm_drops_unimportant_keys_even_under_budget_and_caps_the_rest():
+    history = torch.tensor([[[0b1, 0b0, 0b10, 0b0, 0b100, 0b0, 0b11, 0b0],
+                             [0b0, 0b0, 0b0, 0b0, 0b0, 0b0, 0b0, 0b0]]])  # fmt: skip
+    layer = hand_made_layer("corm", budget=100, positions=8, stats={"important_history": history}, recent=2,
+                            window=4)  # fmt: skip
+    layer.compress()
+    # head 0: important 0, 2, 4, 6 + recent 6, 7; head 1: only the recent window; rows padded with empty slots
+    assert kept_positions(layer) == [[0, 2, 4, 6, 7], [6, 7]]
+    assert layer.keys.shape[-2] == 5
+    capped = hand_made_layer("corm", budget=4, positions=8, stats={"important_history": history}, recent=2, window=4)
+    capped.compress()
+    assert kept_positions(capped) == [[0, 2, 6, 7], [6, 7]]  # under the cap, equal counts go to the older entry
+
+
+def test_observation_window_attention_counts_only_the_last_queries():
+    probs = torch.tensor([[[[[0.5, 0.5, 0.0], [0.2, 0.3, 0.5]]]]])  # one head, rows at positions 1 and 2
+    seen = Observation(probs, torch.ones(1, 1, 2, 3, dtype=torch.bool), torch.tensor([[1, 2]]), torch.tensor([3]))
+    votes = ObservationWindowAttention(window=1).update(torch.zeros(1, 1, 3), seen)
+    torch.testing.assert_close(votes, torch.tensor([[[0.2, 0.3, 0.5]]]))
+
+
+def test_snapkv_keeps_max_pooled_votes_and_the_window():
+    votes = torch.tensor([[[0.0, 0.0, 0.9, 0.0, 0.0, 0.0, 0.0, 0.0, 0.1, 0.0, 0.2, 0.2]]])
+    layer = hand_made_layer("snapkv", budget=6, positions=12, stats={ObservationWindowAttention.name: votes}, heads=1,
+                            schedule="prefill", window=2, kernel=3)  # fmt: skip
+    layer.compress()  # pooled (kernel 3): 0.9 spreads to 1-3; 0.1 to 7-9 (9 also pooled with 0.2)
+    assert kept_positions(layer) == [[1, 2, 3, 9, 10, 11]]
+
+
+def test_snapkv_needs_the_prefill_schedule():
+    with pytest.raises(ValueError, match="'prefill'-schedule selector"):
+        build_method("snapkv", CompressionConfig(budget=8))
+
+
+@pytest.mark.parametrize(("method", "options", "message"), [
+    ("corm", {"window": 0}, "corm window must be an int in"),
+    ("corm", {"threshold": -1.0}, "corm threshold must be > 0"),
+    ("snapkv", {"kernel": 4}, "kernel must be odd"),
+    ("h2o", {"window": 3}, "'h2o' takes no option(s) window"),
+])  # fmt: skip
+def test_method_options_are_validated(method, options, message):
+    schedule = "prefill" if method == "snapkv" else "step"
+    with pytest.raises((ValueError, TypeError)) as info:
+        build_method(method, CompressionConfig(budget=8, schedule=schedule), **options)
+    assert message in str(info.value)

@@ -2,8 +2,6 @@
 
 from __future__ import annotations
 
-import dataclasses
-
 from transformers import PreTrainedModel
 
 from kvmerge import attention
@@ -11,12 +9,18 @@ from kvmerge.cache import KVMergeCache
 from kvmerge.config import CompressionConfig
 from kvmerge.models import check_model, load_model
 from kvmerge.positions import KeyRotation
-from kvmerge.registry import build_method, describe_methods, method_names
+from kvmerge.registry import describe_methods, make_method, method_names
 
-__all__ = ["CompressionConfig", "KVMergeCache", "describe_methods", "load_model", "make_cache", "method_names"]
+__all__ = [
+    "CompressionConfig",
+    "KVMergeCache",
+    "describe_methods",
+    "load_model",
+    "make_cache",
+    "make_method",
+    "method_names",
+]
 __version__ = "0.1.0"
-
-_OPTIONS = tuple(f.name for f in dataclasses.fields(CompressionConfig) if f.name != "budget")
 
 
 def make_cache(
@@ -27,13 +31,11 @@ def make_cache(
     ``budget`` is entries kept per KV head (int) or a fraction of the prompt (float in (0, 1]);
     ``options`` are the other :class:`CompressionConfig` fields (``sink``, ``recent``,
     ``schedule``, ``chunk_size``, ``decode_interval``, ``merge_window``, ``history_window``,
-    ``position_shift``, ``gqa``, ``seed``). Everything is validated before any compute. Switches the model to the
-    ``kvmerge`` attention implementation (SDPA underneath), which leaves other caches unchanged.
+    ``position_shift``, ``gqa``, ``seed``) or the method's own (``corm``'s ``window``, ...).
+    Everything is validated before any compute. Switches the model to the ``kvmerge`` attention
+    implementation (SDPA underneath), which leaves other caches unchanged.
     """
-    unknown = sorted(set(options) - set(_OPTIONS))
-    if unknown:
-        raise TypeError(f"unknown option(s) {', '.join(unknown)}; valid options: {', '.join(_OPTIONS)}")
-    built = build_method(method, CompressionConfig(budget=budget, **options))
+    built = make_method(method, budget, **options)
     if not isinstance(model, PreTrainedModel):
         raise TypeError(f"model must be a transformers PreTrainedModel, got {type(model).__name__}")
     check_model(model)

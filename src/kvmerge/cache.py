@@ -127,7 +127,7 @@ class KVMergeLayer(CacheLayerMixin):
 
     @property
     def entries(self) -> Entries:
-        return Entries(self.keys, self.values, self.index, self.stats)
+        return Entries(self.keys, self.values, self.index, self.stats, self.valid_seen, self.layer_idx)
 
     def attend(
         self, module: torch.nn.Module, query: torch.Tensor, attention_mask: torch.Tensor | None, **kwargs
@@ -182,9 +182,13 @@ class KVMergeLayer(CacheLayerMixin):
         scores = scores.masked_fill(protected, float("inf")).masked_fill(~valid, float("-inf"))
         kept = min(before.index.shape[-1], self.budget_max)
         # Stable sort: among equal scores the older entry wins, alone or in any batch.
-        ranked = torch.sort(scores, dim=-1, descending=True, stable=True).indices[..., :kept]
+        ranked_scores, ranked = torch.sort(scores, dim=-1, descending=True, stable=True)
+        ranked_scores, ranked = ranked_scores[..., :kept], ranked[..., :kept]
         rank = torch.arange(kept, device=self.device)
-        keep = (rank < self.budgets.view(-1, 1, 1)) & valid.gather(-1, ranked)
+        keep = (rank < self.budgets.view(-1, 1, 1)) & (ranked_scores > float("-inf"))
+        if self.method.selector.adaptive:  # rows keep different counts: hold the largest
+            kept = int(keep.sum(-1).max())
+            ranked, keep = ranked[..., :kept], keep[..., :kept]
         kept_slots, order = torch.sort(torch.where(keep, ranked, -1), dim=-1)
         slots = ranked.gather(-1, order)
         rows = _flat_rows(slots, before.index.shape[-1])
@@ -193,11 +197,13 @@ class KVMergeLayer(CacheLayerMixin):
             values=_gather_entries(before.values, rows),
             index=torch.where(kept_slots >= 0, _gather_entries(before.index, rows), -1),
             stats={name: _gather_entries(value, rows) for name, value in before.stats.items()},
+            seen=before.seen,
+            layer_idx=self.layer_idx,
         )
         evicted = valid.clone()
         evicted.scatter_(-1, slots, ~keep.gather(-1, order) & evicted.gather(-1, slots))
         if self.method.absorber is not None:
-            eviction = Eviction(before, after, kept_slots, evicted, self.layer_idx)
+            eviction = Eviction(before, after, kept_slots, evicted)
             self.method.absorber.absorb(eviction, self.method.config)
         self.keys, self.values, self.index, self.stats = after.keys, after.values, after.index, after.stats
         self.has_empty = bool((kept_slots < 0).any())
@@ -245,7 +251,8 @@ class KVMergeLayer(CacheLayerMixin):
             keys = keys * valid.view(batch, 1, rows, 1)  # padding never carries NaN into merges
             values = values * valid.view(batch, 1, rows, 1)
         positions = self.valid_seen.view(-1, 1) + valid.long().cumsum(-1) - 1
-        index = torch.where(valid, positions, -1).unsqueeze(1).expand(batch, heads, rows)
+        self._step_index = torch.where(valid, positions, -1)  # [batch, r]
+        index = self._step_index.unsqueeze(1).expand(batch, heads, rows)
         self.keys = torch.cat([self.keys, keys], dim=-2)
         self.values = torch.cat([self.values, values], dim=-2)
         self.index = torch.cat([self.index, index], dim=-1)
@@ -305,7 +312,7 @@ class KVMergeLayer(CacheLayerMixin):
             probs = scores.softmax(dim=-1)
             out = torch.matmul(probs.view(batch, heads, -1, n), self.values.float())
             outputs.append(out.view(batch, heads, group, stop - start, dim).to(query.dtype))
-            seen = Observation(probs, visible)
+            seen = Observation(probs, visible, self._step_index[:, start:stop], self.valid_seen)
             for stat in self.method.statistics:
                 self.stats[stat.name] = stat.update(self.stats[stat.name], seen)
         out = torch.cat(outputs, dim=3).reshape(batch, q_heads, rows, dim)
@@ -316,7 +323,7 @@ class KVMergeLayer(CacheLayerMixin):
         interval = config.decode_interval
         if config.schedule == "prefill" and not first_call and (interval is None or self.since_compression < interval):
             return False
-        if self.index.shape[-1] > self.budget_max:
+        if self.index.shape[-1] > self.budget_max or self.method.selector.adaptive:
             return True
         if self.budget_min == self.budget_max:  # nobody holds more valid entries than there are slots
             return False

@@ -9,6 +9,7 @@ from typing import Literal
 import torch
 
 Schedule = Literal["step", "prefill"]
+UNBOUNDED = 1 << 40  # the budget of an adaptive method without a cap
 GroupAggregation = Literal["mean", "max", "sum"]
 
 
@@ -92,14 +93,18 @@ class CompressionConfig:
         """Entries kept per sequence, ``[batch]`` long, once the prompt lengths ``[batch]`` are known."""
         if isinstance(self.budget, float):
             return (prompt_lengths.double() * self.budget).ceil().long().clamp(min=1)
-        return torch.full_like(prompt_lengths, int(self.budget))
+        return torch.full_like(prompt_lengths, UNBOUNDED if self.budget is None else int(self.budget))
 
-    def windows_for(self, budgets: torch.Tensor, default_sink: int, default_recent: float) -> tuple[int, torch.Tensor]:
+    def windows_for(
+        self, budgets: torch.Tensor, default_sink: int, default_recent: float | int
+    ) -> tuple[int, torch.Tensor]:
         """Protected sink count and recent-window sizes ``[batch]`` for per-sequence ``budgets``."""
         sink = default_sink if self.sink is None else self.sink
         recent = default_recent if self.recent is None else self.recent
         if isinstance(recent, float):
             recent_sizes = ((budgets - sink).clamp(min=0).double() * recent).floor().long()
+        elif self.recent is None:  # a selector's default window shrinks to fit a small budget
+            recent_sizes = (budgets - sink).clamp(min=0, max=recent)
         else:
             recent_sizes = torch.full_like(budgets, recent)
         if bool(((sink + recent_sizes) > budgets).any()):

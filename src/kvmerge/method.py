@@ -30,12 +30,18 @@ class Entries:
         counted); ``-1`` marks an empty slot (padding, or room another sequence needs).
     stats:
         Statistics by name, each ``[batch, kv_heads, n]``.
+    seen:
+        ``[batch]`` tokens each sequence has seen so far (padding not counted).
+    layer_idx:
+        The model layer these entries belong to.
     """
 
     keys: torch.Tensor
     values: torch.Tensor
     index: torch.Tensor
     stats: dict[str, torch.Tensor]
+    seen: torch.Tensor
+    layer_idx: int
 
 
 @dataclass(frozen=True)
@@ -51,25 +57,28 @@ class Eviction:
         order; ``-1`` for an empty slot (these come first).
     evicted:
         ``[batch, kv_heads, n]`` bool, the valid entries of ``before`` that were evicted.
-    layer_idx:
-        The model layer, so random draws differ between layers.
     """
 
     before: Entries
     after: Entries
     kept_slots: torch.Tensor
     evicted: torch.Tensor
-    layer_idx: int
 
 
 class Selector(ABC):
-    """Scores entries; the cache keeps the protected windows plus the best-scored rest."""
+    """Scores entries; the cache keeps the protected windows plus the best-scored rest.
+
+    An entry scored ``-inf`` is evicted even when the cache is under budget. Subclasses are
+    dataclasses whose fields are the method's own options.
+    """
 
     name: ClassVar[str]
     description: ClassVar[str]
     default_sink: ClassVar[int] = 0
-    default_recent: ClassVar[float] = 0.0  # fraction of the budget
+    default_recent: ClassVar[float | int] = 0.0  # float: fraction of the budget after sinks; int: tokens
     compresses: ClassVar[bool] = True
+    adaptive: ClassVar[bool] = False  # data-dependent size: the budget is an optional cap
+    schedule: ClassVar[str | None] = None  # the only schedule the selector supports, if any
 
     def statistics(self, config: CompressionConfig) -> tuple[Statistic, ...]:
         """Statistics this selector reads."""
@@ -81,7 +90,10 @@ class Selector(ABC):
 
 
 class Absorber(ABC):
-    """Acts on the entries a selector evicts (the default, no absorber, drops them)."""
+    """Acts on the entries a selector evicts (the default, no absorber, drops them).
+
+    Subclasses are dataclasses whose fields are the method's own options.
+    """
 
     name: ClassVar[str]
     description: ClassVar[str]

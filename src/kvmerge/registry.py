@@ -2,17 +2,26 @@
 
 from __future__ import annotations
 
+import dataclasses
+
 from kvmerge.absorbers.cam import CaM
 from kvmerge.config import CompressionConfig
 from kvmerge.method import Absorber, Method, Selector
+from kvmerge.selectors.corm import CORM
 from kvmerge.selectors.full import Full
 from kvmerge.selectors.h2o import H2O
+from kvmerge.selectors.knorm import KNorm
+from kvmerge.selectors.random import Random
 from kvmerge.selectors.scissorhands import Scissorhands
+from kvmerge.selectors.snapkv import SnapKV
 from kvmerge.selectors.streaming import Streaming
 from kvmerge.selectors.tova import TOVA
 
-SELECTORS: dict[str, type[Selector]] = {cls.name: cls for cls in (Full, Streaming, H2O, Scissorhands, TOVA)}
+SELECTORS: dict[str, type[Selector]] = {
+    cls.name: cls for cls in (Full, Streaming, H2O, Scissorhands, TOVA, CORM, SnapKV, Random, KNorm)
+}
 ABSORBERS: dict[str, type[Absorber]] = {cls.name: cls for cls in (CaM,)}
+SHARED_OPTIONS = tuple(f.name for f in dataclasses.fields(CompressionConfig) if f.name != "budget")
 
 
 def method_names() -> list[str]:
@@ -32,23 +41,53 @@ def describe_methods() -> dict[str, str]:
     return lines
 
 
-def build_method(name: str, config: CompressionConfig) -> Method:
-    """Parse ``selector[+absorber]`` and pair it with ``config``; unknown names list the valid ones."""
+def method_options(cls: type) -> tuple[str, ...]:
+    """The options a selector or absorber class takes (its dataclass fields)."""
+    return tuple(f.name for f in dataclasses.fields(cls)) if dataclasses.is_dataclass(cls) else ()
+
+
+def build_method(name: str, config: CompressionConfig, **options) -> Method:
+    """Parse ``selector[+absorber]``, give each part its own ``options`` and pair them with ``config``.
+
+    Unknown names list the valid ones; impossible combinations say why.
+    """
     if not isinstance(name, str):
         raise TypeError(f"method must be a string like 'h2o+cam', got {type(name).__name__}")
     selector_name, _, absorber_name = name.strip().lower().partition("+")
     if selector_name not in SELECTORS:
-        raise ValueError(
-            f"unknown selector {selector_name!r} in method {name!r}; valid methods: {', '.join(method_names())}"
-        )
+        valid = ", ".join(method_names())
+        raise ValueError(f"unknown selector {selector_name!r} in method {name!r}; valid methods: {valid}")
     if absorber_name and absorber_name not in ABSORBERS:
-        raise ValueError(
-            f"unknown absorber {absorber_name!r} in method {name!r}; valid absorbers: {', '.join(ABSORBERS)}"
-        )
-    selector = SELECTORS[selector_name]()
-    if absorber_name and not selector.compresses:
+        valid = ", ".join(ABSORBERS)
+        raise ValueError(f"unknown absorber {absorber_name!r} in method {name!r}; valid absorbers: {valid}")
+    selector_cls = SELECTORS[selector_name]
+    absorber_cls = ABSORBERS.get(absorber_name)
+    if absorber_cls and not selector_cls.compresses:
         raise ValueError(f"{name!r}: the {selector_name} selector never evicts, so there is nothing to {absorber_name}")
-    if selector.compresses and config.budget is None:
+    if selector_cls.compresses and config.budget is None and not selector_cls.adaptive:
         raise ValueError(f"method {name!r} needs a budget: an int (tokens per head) or a float fraction in (0, 1]")
-    absorber = ABSORBERS[absorber_name]() if absorber_name else None
+    if selector_cls.schedule and config.schedule != selector_cls.schedule:
+        raise ValueError(f"{selector_name} is a {selector_cls.schedule!r}-schedule selector: pass schedule=")
+    own = {cls: method_options(cls) for cls in (selector_cls, absorber_cls) if cls}
+    unknown = sorted(set(options) - {option for names in own.values() for option in names})
+    if unknown:
+        mine = sorted({option for names in own.values() for option in names})
+        raise TypeError(
+            f"{name!r} takes no option(s) {', '.join(unknown)}; its own options: {', '.join(mine) or 'none'}"
+        )
+    selector = selector_cls(**{k: v for k, v in options.items() if k in own[selector_cls]})
+    absorber = absorber_cls(**{k: v for k, v in options.items() if k in own[absorber_cls]}) if absorber_cls else None
     return Method(selector, absorber, config)
+
+
+def make_method(name: str, budget: int | float | None = None, **options) -> Method:
+    """Build a method from a flat set of options: those of :class:`CompressionConfig` configure the
+    cache, the rest go to the selector and absorber that take them."""
+    shared = {k: v for k, v in options.items() if k in SHARED_OPTIONS}
+    own = {k: v for k, v in options.items() if k not in SHARED_OPTIONS}
+    try:
+        return build_method(name, CompressionConfig(budget=budget, **shared), **own)
+    except TypeError as error:
+        if "takes no option" not in str(error):
+            raise
+        raise TypeError(f"{error}; options every method takes: {', '.join(SHARED_OPTIONS)}") from None

@@ -18,9 +18,14 @@ def _mix(x: torch.Tensor | int) -> torch.Tensor | int:
     return (x >> 16) ^ x
 
 
-def hashed_uniform(seed: int, layer_idx: int, heads: torch.Tensor, positions: torch.Tensor) -> torch.Tensor:
-    """Uniform floats in [0, 1), one per element of the broadcast of ``heads`` and ``positions``."""
+def hashed_uniform(
+    seed: int, layer_idx: int, heads: torch.Tensor, positions: torch.Tensor, step: torch.Tensor | None = None
+) -> torch.Tensor:
+    """Uniform floats in [0, 1), one per element of the broadcast of ``heads``, ``positions`` (and ``step``,
+    for draws that must change over time)."""
     base = _mix(_mix(seed & _MASK32) ^ (layer_idx & _MASK32))
     x = _mix(heads.long() ^ base)
     x = _mix(x ^ (positions.long() & _MASK32))
+    if step is not None:
+        x = _mix(x ^ (step.long() & _MASK32))
     return x.double().div(2.0**32).float()

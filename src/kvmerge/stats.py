@@ -24,10 +24,16 @@ class Observation:
         (query head ``h`` belongs to KV head ``h // group``); zero where not visible.
     visible:
         ``[batch, 1, rows, entries]`` bool, which entries each row attended (padding rows see none).
+    query_index:
+        ``[batch, rows]`` position of each row's query in its sequence (``-1`` for padding).
+    seen:
+        ``[batch]`` tokens each sequence has seen, this step included.
     """
 
     probs: torch.Tensor
     visible: torch.Tensor
+    query_index: torch.Tensor
+    seen: torch.Tensor
 
 
 def aggregate_group(probs: torch.Tensor, how: str) -> torch.Tensor:
@@ -62,24 +68,30 @@ class AccumulatedAttention(Statistic):
 
 
 @dataclass(frozen=True)
-class LowAttentionHistory(Statistic):
-    """Scissorhands' history: bit ``i`` is set when the query ``i`` steps ago gave the entry less
-    than the uniform share (1 / entries that query saw). Kept as an int64 bit field of ``window`` bits.
+class AttentionHistory(Statistic):
+    """A ``window``-bit history per entry, kept as an int64 bit field: bit ``i`` is set when the
+    query ``i`` steps ago gave the entry less than (``below``; Scissorhands) or at least (CORM)
+    ``threshold`` times the uniform share, 1 / entries that query saw. Unseen entries never set a bit.
     """
 
     window: int = 16
+    below: bool = True
+    threshold: float = 1.0
     gqa: str = "mean"
-    name: str = "low_attention_history"
     dtype: torch.dtype = torch.int64
+
+    @property
+    def name(self) -> str:
+        return "low_attention_history" if self.below else "important_history"
 
     def update(self, value: torch.Tensor, seen: Observation) -> torch.Tensor:
         probs = aggregate_group(seen.probs, self.gqa)  # [b, h, r, n]
         rows = min(probs.shape[2], self.window)
         probs, visible = probs[:, :, -rows:], seen.visible[:, :, -rows:]
-        uniform = 1.0 / visible.sum(dim=-1, keepdim=True).clamp(min=1)  # [b, 1, r, 1]
-        low = visible & (probs < uniform)
+        share = self.threshold / visible.sum(dim=-1, keepdim=True).clamp(min=1)  # [b, 1, r, 1]
+        hit = visible & ((probs < share) if self.below else (probs >= share))
         shifts = torch.arange(rows - 1, -1, -1, device=value.device).view(1, 1, rows, 1)
-        bits = (low.long() << shifts).sum(dim=2)
+        bits = (hit.long() << shifts).sum(dim=2)
         return ((value << rows) | bits) & ((1 << self.window) - 1)
 
     @staticmethod
@@ -98,3 +110,17 @@ class CurrentAttention(Statistic):
     def update(self, value: torch.Tensor, seen: Observation) -> torch.Tensor:
         last = seen.probs[:, :, :, -1].mean(dim=(1, 2))  # [b, n]
         return last.unsqueeze(1).expand_as(value).contiguous()
+
+
+@dataclass(frozen=True)
+class ObservationWindowAttention(Statistic):
+    """SnapKV's statistic: attention summed over the queries of the last ``window`` positions seen."""
+
+    window: int = 32
+    gqa: str = "mean"
+    name: str = "observation_window_attention"
+
+    def update(self, value: torch.Tensor, seen: Observation) -> torch.Tensor:
+        in_window = seen.query_index >= (seen.seen.view(-1, 1) - self.window)  # [b, r]
+        probs = aggregate_group(seen.probs, self.gqa) * in_window.view(in_window.shape[0], 1, -1, 1)
+        return value + probs.sum(dim=2)

@@ -49,7 +49,7 @@ class CaM(Absorber):
         neighbour_mean = neighbour_attention.sum(-1) / has_neighbour.sum(-1).clamp(min=1)
         p = merge_probability(before.stats[stat].gather(-1, slots), neighbour_mean)
         heads = torch.arange(slots.shape[1], device=slots.device).view(1, -1, 1)
-        draw = hashed_uniform(config.seed, eviction.layer_idx, heads, before.index.gather(-1, slots))
+        draw = hashed_uniform(config.seed, before.layer_idx, heads, before.index.gather(-1, slots))
         gate = is_evicted & (draw < p) & has_neighbour.any(-1)  # [b, h, e]
         d = before.values.shape[-1]
         evicted_values = before.values.gather(2, slots.unsqueeze(-1).expand(-1, -1, -1, d))

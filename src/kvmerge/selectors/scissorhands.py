@@ -6,7 +6,7 @@ import torch
 
 from kvmerge.config import CompressionConfig
 from kvmerge.method import Entries, Selector
-from kvmerge.stats import LowAttentionHistory, Statistic
+from kvmerge.stats import AttentionHistory, Statistic
 
 
 class Scissorhands(Selector):
@@ -17,8 +17,8 @@ class Scissorhands(Selector):
     default_recent = 0.5
 
     def statistics(self, config: CompressionConfig) -> tuple[Statistic, ...]:
-        return (LowAttentionHistory(config.history_window, config.gqa),)
+        return (AttentionHistory(config.history_window, below=True, gqa=config.gqa),)
 
     def scores(self, entries: Entries, config: CompressionConfig) -> torch.Tensor:
-        history = entries.stats[LowAttentionHistory.name]
-        return -LowAttentionHistory.count(history, config.history_window).float()
+        history = entries.stats["low_attention_history"]
+        return -AttentionHistory.count(history, config.history_window).float()

@@ -1,0 +1,45 @@
+"""SnapKV (Li et al. 2024): the prompt's last queries vote for the entries worth keeping."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import torch
+from torch.nn.functional import max_pool1d
+
+from kvmerge.config import CompressionConfig
+from kvmerge.method import Entries, Selector
+from kvmerge.stats import ObservationWindowAttention, Statistic
+
+
+@dataclass(frozen=True)
+class SnapKV(Selector):
+    """Attention of the last ``window`` prompt queries, max-pooled over ``kernel`` neighbouring
+    entries, top-k per KV head; the observation window itself is always kept."""
+
+    window: int = 32
+    kernel: int = 5
+
+    name = "snapkv"
+    description = "SnapKV: top entries by the pooled attention of the prompt's last queries (prefill schedule)"
+    schedule = "prefill"
+
+    def __post_init__(self) -> None:
+        for field, value in (("window", self.window), ("kernel", self.kernel)):
+            if isinstance(value, bool) or not isinstance(value, int) or value < 1:
+                raise ValueError(f"snapkv {field} must be an int >= 1, got {value!r}")
+        if self.kernel % 2 == 0:
+            raise ValueError(f"snapkv kernel must be odd, got {self.kernel}")
+
+    @property
+    def default_recent(self) -> int:  # type: ignore[override]
+        return self.window
+
+    def statistics(self, config: CompressionConfig) -> tuple[Statistic, ...]:
+        return (ObservationWindowAttention(self.window, config.gqa),)
+
+    def scores(self, entries: Entries, config: CompressionConfig) -> torch.Tensor:
+        votes = entries.stats[ObservationWindowAttention.name]
+        batch, heads, n = votes.shape
+        pooled = max_pool1d(votes.view(batch * heads, 1, n), self.kernel, stride=1, padding=self.kernel // 2)
+        return pooled.view(batch, heads, n)
