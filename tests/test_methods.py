@@ -255,7 +255,7 @@ def test_snapkv_keeps_max_pooled_votes_and_the_window():
 
 
 def test_snapkv_needs_the_prefill_schedule():
-    with pytest.raises(ValueError, match="'prefill'-schedule selector"):
+    with pytest.raises(ValueError, match="snapkv works at prefill: pass schedule='prefill'"):
         build_method("snapkv", CompressionConfig(budget=8))
 
 
@@ -270,3 +270,36 @@ def test_method_options_are_validated(method, options, message):
     with pytest.raises((ValueError, TypeError)) as info:
         build_method(method, CompressionConfig(budget=8, schedule=schedule), **options)
     assert message in str(info.value)
+
+
+def test_kvmerger_merges_similar_runs_into_their_pivot():
+    from kvmerge.absorbers.kvmerger import merging_sets
+
+    keys = torch.tensor([[1.0, 0.0], [0.0, 1.0], [0.0, 1.1], [0.1, 1.0], [1.0, 0.0], [1.0, 0.05], [-1.0, 0.0]])
+    candidates = torch.tensor([True] * 6 + [False])
+    sets = merging_sets(keys.view(1, 1, 7, 2), candidates.view(1, 1, 7), threshold=0.99)
+    assert sets[0, 0].tolist() == [-1, 2, 2, 2, 3, 3, -1]  # runs 1-3 and 4-5; 0 and 6 stand alone
+
+    acc = torch.tensor([[[0.1, 0.2, 0.9, 0.3, 0.1, 0.4, 0.5, 0.6, 0.7, 0.8]]])
+    layer = hand_made_layer("snapkv+kvmerger", budget=10, positions=10, stats={"accumulated_attention": acc,
+                            ObservationWindowAttention.name: torch.zeros(1, 1, 10)}, heads=1, schedule="prefill",
+                            window=3, similarity=0.99, sigma=0.5)  # fmt: skip
+    layer.keys[0, 0, :7] = torch.cat([keys, torch.zeros(7, DIM - 2)], dim=-1)
+    keys_before, values_before = layer.keys.clone(), layer.values.clone()
+    layer.budgets = torch.tensor([7])  # 10 entries over a budget of 7: compress
+    layer.budget_max = layer.budget_min = 7
+    layer.compress()
+    assert kept_positions(layer) == [[0, 2, 5, 6, 7, 8, 9]]  # pivots 2 (largest Ā of 1-3) and 5 (of 4-5)
+    for pivot, members in ((2, [1, 2, 3]), (5, [4, 5])):
+        distance = (keys_before[0, 0, members] - keys_before[0, 0, pivot]).pow(2).sum(-1)
+        weight = torch.exp(-distance / (2 * 0.5**2))
+        weight = weight / weight.sum()
+        slot = kept_positions(layer)[0].index(pivot)
+        torch.testing.assert_close(layer.keys[0, 0, slot], (weight[:, None] * keys_before[0, 0, members]).sum(0))
+        torch.testing.assert_close(layer.values[0, 0, slot], (weight[:, None] * values_before[0, 0, members]).sum(0))
+    torch.testing.assert_close(layer.keys[0, 0, 0], keys_before[0, 0, 0])  # unmerged entries are untouched
+
+
+def test_kvmerger_needs_the_prefill_schedule():
+    with pytest.raises(ValueError, match="kvmerger works at prefill"):
+        kvmerge.make_method("h2o+kvmerger", 8)

@@ -12,15 +12,12 @@ from tests.conftest import FAMILIES, VOCAB, tiny_model
 
 COMPRESSING = [m for m in kvmerge.method_names() if m != "full"]
 EVICTION_ONLY = ["streaming", "h2o", "scissorhands", "tova", "corm", "random", "knorm"]
-# Options under which a budget >= length must evict nothing (CORM's size is adaptive: every key important).
-IDENTITY = {
-    method: {"schedule": "prefill"}
-    if method.startswith("snapkv")
-    else {"chunk_size": 3, "threshold": 1e-30}
-    if method.startswith("corm")
-    else {"chunk_size": 3}
-    for method in COMPRESSING
-}
+
+
+def identity_options(method: str) -> dict:
+    """Options under which a budget >= length must evict nothing (CORM's size is adaptive: all keys important)."""
+    options = {"schedule": "prefill"} if "snapkv" in method or "kvmerger" in method else {"chunk_size": 3}
+    return options | ({"threshold": 1e-30} if method.startswith("corm") else {})
 
 
 def full_logits(model, ids: torch.Tensor) -> torch.Tensor:
@@ -55,7 +52,9 @@ def test_budget_at_least_length_gives_full_logits(family, method):
     model = tiny_model(family)
     ids = torch.randint(0, VOCAB, (1, 20), generator=torch.Generator().manual_seed(2))
     with torch.no_grad():
-        ours = model(ids, past_key_values=kvmerge.make_cache(model, method, budget=20, **IDENTITY[method])).logits
+        ours = model(
+            ids, past_key_values=kvmerge.make_cache(model, method, budget=20, **identity_options(method))
+        ).logits
     torch.testing.assert_close(ours, full_logits(model, ids), atol=1e-5, rtol=1e-5)
 
 

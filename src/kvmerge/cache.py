@@ -75,6 +75,7 @@ class KVMergeLayer(CacheLayerMixin):
         self.rotated_at = self.index.clone()  # the position each key is rotated at (position shift)
         self.budgets: torch.Tensor | None = None
         self.has_empty = False  # whether any slot holds no entry (index -1)
+        self.compressions = 0
         self.since_compression = 0
         self.is_initialized = True
 
@@ -175,9 +176,13 @@ class KVMergeLayer(CacheLayerMixin):
     def compress(self) -> None:
         """Shrink every sequence to its budget: protected windows first, then by the selector's scores."""
         before = self.entries
-        valid = before.index >= 0
         recent_start = (self.valid_seen - self.recent).view(-1, 1, 1)
-        protected = valid & ((before.index < self.sink) | (before.index >= recent_start))
+        protected = (before.index < self.sink) | (before.index >= recent_start)
+        absorber = self.method.absorber
+        if absorber is not None and self.compressions == 0:
+            before = absorber.merge(before, (before.index >= 0) & ~protected, self.method.config)
+        valid = before.index >= 0
+        protected &= valid
         scores = self.method.selector.scores(before, self.method.config).float()
         scores = scores.masked_fill(protected, float("inf")).masked_fill(~valid, float("-inf"))
         kept = min(before.index.shape[-1], self.budget_max)
@@ -202,15 +207,15 @@ class KVMergeLayer(CacheLayerMixin):
         )
         evicted = valid.clone()
         evicted.scatter_(-1, slots, ~keep.gather(-1, order) & evicted.gather(-1, slots))
-        if self.method.absorber is not None:
-            eviction = Eviction(before, after, kept_slots, evicted)
-            self.method.absorber.absorb(eviction, self.method.config)
+        if absorber is not None:
+            absorber.absorb(Eviction(before, after, kept_slots, evicted), self.method.config)
         self.keys, self.values, self.index, self.stats = after.keys, after.values, after.index, after.stats
         self.has_empty = bool((kept_slots < 0).any())
         if self.key_rotation is not None:
             self.rotated_at = _gather_entries(self.rotated_at, rows)
             self._shift_positions()
         self.since_compression = 0
+        self.compressions += 1
 
     def _shift_positions(self) -> None:
         """Re-rotate kept keys so the valid ones sit contiguously just before the next token."""

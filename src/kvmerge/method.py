@@ -89,20 +89,27 @@ class Selector(ABC):
         """Keep-priority of each entry ``[batch, kv_heads, n]`` float: higher is kept first."""
 
 
-class Absorber(ABC):
-    """Acts on the entries a selector evicts (the default, no absorber, drops them).
+class Absorber:
+    """Keeps something of what the selector evicts (no absorber: it is dropped).
 
-    Subclasses are dataclasses whose fields are the method's own options.
+    Two hooks, each optional: :meth:`merge` reshapes the entries once, at the layer's first
+    compression, before the selector runs (KVMerger); :meth:`absorb` folds every eviction into
+    what is kept (CaM). Subclasses are dataclasses whose fields are the method's own options.
     """
 
     name: ClassVar[str]
     description: ClassVar[str]
+    schedule: ClassVar[str | None] = None  # the only schedule the absorber supports, if any
 
     def statistics(self, config: CompressionConfig) -> tuple[Statistic, ...]:
         """Statistics this absorber reads."""
         return ()
 
-    @abstractmethod
+    def merge(self, entries: Entries, candidates: torch.Tensor, config: CompressionConfig) -> Entries:
+        """Return ``entries`` with some merged; a merged-away entry gets index ``-1``.
+        ``candidates`` ``[batch, kv_heads, n]`` bool marks the entries that may be merged."""
+        return entries
+
     def absorb(self, eviction: Eviction, config: CompressionConfig) -> None:
         """Fold the evicted entries into ``eviction.after`` in place."""
 

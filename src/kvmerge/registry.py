@@ -5,6 +5,7 @@ from __future__ import annotations
 import dataclasses
 
 from kvmerge.absorbers.cam import CaM
+from kvmerge.absorbers.kvmerger import KVMerger
 from kvmerge.config import CompressionConfig
 from kvmerge.method import Absorber, Method, Selector
 from kvmerge.selectors.corm import CORM
@@ -20,7 +21,7 @@ from kvmerge.selectors.tova import TOVA
 SELECTORS: dict[str, type[Selector]] = {
     cls.name: cls for cls in (Full, Streaming, H2O, Scissorhands, TOVA, CORM, SnapKV, Random, KNorm)
 }
-ABSORBERS: dict[str, type[Absorber]] = {cls.name: cls for cls in (CaM,)}
+ABSORBERS: dict[str, type[Absorber]] = {cls.name: cls for cls in (CaM, KVMerger)}
 SHARED_OPTIONS = tuple(f.name for f in dataclasses.fields(CompressionConfig) if f.name != "budget")
 
 
@@ -66,8 +67,9 @@ def build_method(name: str, config: CompressionConfig, **options) -> Method:
         raise ValueError(f"{name!r}: the {selector_name} selector never evicts, so there is nothing to {absorber_name}")
     if selector_cls.compresses and config.budget is None and not selector_cls.adaptive:
         raise ValueError(f"method {name!r} needs a budget: an int (tokens per head) or a float fraction in (0, 1]")
-    if selector_cls.schedule and config.schedule != selector_cls.schedule:
-        raise ValueError(f"{selector_name} is a {selector_cls.schedule!r}-schedule selector: pass schedule=")
+    for part, cls in ((selector_name, selector_cls), (absorber_name, absorber_cls)):
+        if cls and cls.schedule and config.schedule != cls.schedule:
+            raise ValueError(f"{part} works at prefill: pass schedule={cls.schedule!r} (got {config.schedule!r})")
     own = {cls: method_options(cls) for cls in (selector_cls, absorber_cls) if cls}
     unknown = sorted(set(options) - {option for names in own.values() for option in names})
     if unknown:

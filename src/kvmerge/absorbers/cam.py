@@ -7,6 +7,8 @@ For an evicted entry i and the next ``m`` kept entries after it (N):
 
 from __future__ import annotations
 
+from dataclasses import dataclass
+
 import torch
 
 from kvmerge.config import CompressionConfig
@@ -21,6 +23,7 @@ def merge_probability(evicted_attention: torch.Tensor, neighbour_mean: torch.Ten
     return torch.nan_to_num(p, nan=0.0, posinf=1.0, neginf=0.0).clamp(0.0, 1.0)
 
 
+@dataclass(frozen=True)
 class CaM(Absorber):
     name = "cam"
     description = "Cache Merging: merge each evicted value into its next m kept neighbours, Bernoulli-gated"

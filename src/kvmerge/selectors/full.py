@@ -2,12 +2,15 @@
 
 from __future__ import annotations
 
+from dataclasses import dataclass
+
 import torch
 
 from kvmerge.config import CompressionConfig
 from kvmerge.method import Entries, Selector
 
 
+@dataclass(frozen=True)
 class Full(Selector):
     name = "full"
     description = "keep every entry (the reference; same logits as transformers' DynamicCache)"

@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+from dataclasses import dataclass
+
 import torch
 
 from kvmerge.config import CompressionConfig
@@ -9,6 +11,7 @@ from kvmerge.method import Entries, Selector
 from kvmerge.stats import AccumulatedAttention, Statistic
 
 
+@dataclass(frozen=True)
 class H2O(Selector):
     name = "h2o"
     description = "Heavy-Hitter Oracle: keep the largest accumulated attention + a recent window (half each)"

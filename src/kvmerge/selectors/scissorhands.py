@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+from dataclasses import dataclass
+
 import torch
 
 from kvmerge.config import CompressionConfig
@@ -9,6 +11,7 @@ from kvmerge.method import Entries, Selector
 from kvmerge.stats import AttentionHistory, Statistic
 
 
+@dataclass(frozen=True)
 class Scissorhands(Selector):
     name = "scissorhands"
     description = (

@@ -2,12 +2,15 @@
 
 from __future__ import annotations
 
+from dataclasses import dataclass
+
 import torch
 
 from kvmerge.config import CompressionConfig
 from kvmerge.method import Entries, Selector
 
 
+@dataclass(frozen=True)
 class Streaming(Selector):
     name = "streaming"
     description = "StreamingLLM: keep `sink` first tokens (4) and the most recent ones; evict the oldest"

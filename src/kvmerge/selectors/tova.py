@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+from dataclasses import dataclass
+
 import torch
 
 from kvmerge.config import CompressionConfig
@@ -9,6 +11,7 @@ from kvmerge.method import Entries, Selector
 from kvmerge.stats import CurrentAttention, Statistic
 
 
+@dataclass(frozen=True)
 class TOVA(Selector):
     name = "tova"
     description = "Token Omission Via Attention: keep the largest current attention, averaged over all heads"
