@@ -24,7 +24,12 @@ __version__ = "0.1.0"
 
 
 def make_cache(
-    model: PreTrainedModel, method: str = "full", budget: int | float | None = None, **options
+    model: PreTrainedModel,
+    method: str = "full",
+    budget: int | float | None = None,
+    *,
+    record_evictions: bool = False,
+    **options,
 ) -> KVMergeCache:
     """A transformers ``Cache`` for ``model`` bounded by ``method`` (``selector[+absorber]``).
 
@@ -33,7 +38,8 @@ def make_cache(
     ``schedule``, ``chunk_size``, ``decode_interval``, ``merge_window``, ``history_window``,
     ``position_shift``, ``gqa``, ``seed``) or the method's own (``corm``'s ``window``, ...).
     Everything is validated before any compute. Switches the model to the ``kvmerge`` attention
-    implementation (SDPA underneath), which leaves other caches unchanged.
+    implementation (SDPA underneath), which leaves other caches unchanged. ``record_evictions``
+    keeps, per layer, when each position was evicted (``layer.evicted_at``; for analysis and training).
     """
     built = make_method(method, budget, **options)
     if not isinstance(model, PreTrainedModel):
@@ -42,4 +48,5 @@ def make_cache(
     key_rotation = KeyRotation.from_model(model) if built.config.position_shift else None
     if model.config._attn_implementation != attention.NAME:
         model.set_attn_implementation(attention.NAME)
-    return KVMergeCache(built, model.config.get_text_config(decoder=True).num_hidden_layers, key_rotation)
+    layers = model.config.get_text_config(decoder=True).num_hidden_layers
+    return KVMergeCache(built, layers, key_rotation, record_evictions)

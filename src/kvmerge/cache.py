@@ -23,7 +23,7 @@ from torch.nn.functional import scaled_dot_product_attention
 from transformers.cache_utils import Cache, CacheLayerMixin
 from transformers.integrations.sdpa_attention import sdpa_attention_forward
 
-from kvmerge.method import Entries, Eviction, Method
+from kvmerge.method import Absorber, Entries, Eviction, Method
 from kvmerge.positions import KeyRotation
 from kvmerge.stats import Observation
 
@@ -31,6 +31,8 @@ _handoff = threading.local()
 
 # Attention rows x entries x query heads computed at once when probabilities are needed.
 _BLOCK_ELEMENTS = 1 << 24
+_NEVER = 1 << 62
+_NO_ABSORBER = Absorber()
 
 
 def take_pending_layer() -> KVMergeLayer | None:
@@ -52,11 +54,14 @@ class KVMergeLayer(CacheLayerMixin):
     is_sliding = False
     is_croppable = False
 
-    def __init__(self, method: Method, layer_idx: int, key_rotation: KeyRotation | None = None):
+    def __init__(
+        self, method: Method, layer_idx: int, key_rotation: KeyRotation | None = None, record_evictions: bool = False
+    ):
         super().__init__()
         self.method = method
         self.layer_idx = layer_idx
         self.key_rotation = key_rotation
+        self.record_evictions = record_evictions
         self.seen = 0
         self._pending: tuple[torch.Tensor, torch.Tensor] | None = None
 
@@ -76,6 +81,9 @@ class KVMergeLayer(CacheLayerMixin):
         self.budgets: torch.Tensor | None = None
         self.has_empty = False  # whether any slot holds no entry (index -1)
         self.compressions = 0
+        self.absorber_state: dict[str, torch.Tensor] = {}
+        # evicted_at[b, h, p]: the step (position of the newest token) after which position p left the cache
+        self.evicted_at = torch.empty(batch, heads, 0, dtype=torch.long, device=self.device)
         self.since_compression = 0
         self.is_initialized = True
 
@@ -208,7 +216,9 @@ class KVMergeLayer(CacheLayerMixin):
         evicted = valid.clone()
         evicted.scatter_(-1, slots, ~keep.gather(-1, order) & evicted.gather(-1, slots))
         if absorber is not None:
-            absorber.absorb(Eviction(before, after, kept_slots, evicted), self.method.config)
+            absorber.absorb(Eviction(before, after, kept_slots, evicted, self.absorber_state), self.method.config)
+        if self.record_evictions:
+            self._record(before.index, evicted)
         self.keys, self.values, self.index, self.stats = after.keys, after.values, after.index, after.stats
         self.has_empty = bool((kept_slots < 0).any())
         if self.key_rotation is not None:
@@ -216,6 +226,15 @@ class KVMergeLayer(CacheLayerMixin):
             self._shift_positions()
         self.since_compression = 0
         self.compressions += 1
+
+    def _record(self, index: torch.Tensor, evicted: torch.Tensor) -> None:
+        """Note in ``evicted_at`` which positions ``index`` ``[b, h, n]`` were just ``evicted``."""
+        grow = int(self.valid_seen.max()) - self.evicted_at.shape[-1]
+        if grow > 0:
+            self.evicted_at = torch.nn.functional.pad(self.evicted_at, (0, grow), value=_NEVER)
+        step = (self.valid_seen - 1).view(-1, 1, 1).expand_as(index)
+        current = self.evicted_at.gather(-1, index.clamp(min=0))
+        self.evicted_at.scatter_(-1, index.clamp(min=0), torch.where(evicted, step, current))
 
     def _shift_positions(self) -> None:
         """Re-rotate kept keys so the valid ones sit contiguously just before the next token."""
@@ -300,6 +319,7 @@ class KVMergeLayer(CacheLayerMixin):
             )
             return out.transpose(1, 2)
         n = self.keys.shape[-2]
+        absorber = self.method.absorber or _NO_ABSORBER
         block = max(1, _BLOCK_ELEMENTS // max(1, n * q_heads))
         grouped = query.reshape(batch, heads, group, rows, dim)
         outputs = []
@@ -314,9 +334,20 @@ class KVMergeLayer(CacheLayerMixin):
                 block_mask = mask[:, :, start:stop]
                 scores = scores.masked_fill(~block_mask.unsqueeze(2), float("-inf"))
                 visible = block_mask[:, :1] & valid[:, start:stop].view(batch, 1, -1, 1)
-            probs = scores.softmax(dim=-1)
-            out = torch.matmul(probs.view(batch, heads, -1, n), self.values.float())
-            outputs.append(out.view(batch, heads, group, stop - start, dim).to(query.dtype))
+            extra = absorber.state_attention(self.absorber_state, q.view(*scores.shape[:4], dim), self.layer_idx)
+            if extra is None:
+                probs = scores.softmax(dim=-1)
+                out = torch.matmul(probs.view(batch, heads, -1, n), self.values.float())
+            else:  # the state is one more softmax term with log-weight log_mass and value mean
+                log_mass, mean = extra
+                top = torch.maximum(scores.amax(dim=-1), log_mass)
+                weights = torch.exp(scores - top.unsqueeze(-1))
+                state_weight = torch.exp(log_mass - top)
+                total = weights.sum(dim=-1) + state_weight
+                probs = weights / weights.sum(dim=-1, keepdim=True)  # statistics see the kept entries only
+                kept = torch.matmul(weights.view(batch, heads, -1, n), self.values.float()).view_as(mean)
+                out = (kept + state_weight.unsqueeze(-1) * mean) / total.unsqueeze(-1)
+            outputs.append(out.reshape(batch, heads, group, stop - start, dim).to(query.dtype))
             seen = Observation(probs, visible, self._step_index[:, start:stop], self.valid_seen)
             for stat in self.method.statistics:
                 self.stats[stat.name] = stat.update(self.stats[stat.name], seen)
@@ -342,6 +373,7 @@ class KVMergeLayer(CacheLayerMixin):
         )
         self.stats = {name: fn(value) for name, value in self.stats.items()}
         self.valid_seen = fn(self.valid_seen)
+        self.absorber_state = {name: fn(value) for name, value in self.absorber_state.items()}
         if self.budgets is not None:
             self.budgets, self.recent = fn(self.budgets), fn(self.recent)
 
@@ -350,8 +382,11 @@ class KVMergeCache(Cache):
     """A transformers ``Cache`` bounded by a :class:`~kvmerge.method.Method`; build it with
     :func:`kvmerge.make_cache`."""
 
-    def __init__(self, method: Method, num_layers: int, key_rotation: KeyRotation | None = None):
-        super().__init__(layers=[KVMergeLayer(method, i, key_rotation) for i in range(num_layers)])
+    def __init__(
+        self, method: Method, num_layers: int, key_rotation: KeyRotation | None = None, record_evictions: bool = False
+    ):
+        layers = [KVMergeLayer(method, i, key_rotation, record_evictions) for i in range(num_layers)]
+        super().__init__(layers=layers)
         self.method = method
 
     def update(

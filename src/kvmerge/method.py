@@ -57,12 +57,15 @@ class Eviction:
         order; ``-1`` for an empty slot (these come first).
     evicted:
         ``[batch, kv_heads, n]`` bool, the valid entries of ``before`` that were evicted.
+    state:
+        The absorber's own per-layer tensors (empty at first), updated in place.
     """
 
     before: Entries
     after: Entries
     kept_slots: torch.Tensor
     evicted: torch.Tensor
+    state: dict[str, torch.Tensor] = field(default_factory=dict)
 
 
 class Selector(ABC):
@@ -92,14 +95,16 @@ class Selector(ABC):
 class Absorber:
     """Keeps something of what the selector evicts (no absorber: it is dropped).
 
-    Two hooks, each optional: :meth:`merge` reshapes the entries once, at the layer's first
+    Three hooks, each optional: :meth:`merge` reshapes the entries once, at the layer's first
     compression, before the selector runs (KVMerger); :meth:`absorb` folds every eviction into
-    what is kept (CaM). Subclasses are dataclasses whose fields are the method's own options.
+    what is kept (CaM) or into a state of its own (LESS); :meth:`state_attention` lets queries
+    attend to that state. Subclasses are dataclasses whose fields are the method's own options.
     """
 
     name: ClassVar[str]
     description: ClassVar[str]
     schedule: ClassVar[str | None] = None  # the only schedule the absorber supports, if any
+    attends: ClassVar[bool] = False  # whether state_attention contributes
 
     def statistics(self, config: CompressionConfig) -> tuple[Statistic, ...]:
         """Statistics this absorber reads."""
@@ -111,7 +116,14 @@ class Absorber:
         return entries
 
     def absorb(self, eviction: Eviction, config: CompressionConfig) -> None:
-        """Fold the evicted entries into ``eviction.after`` in place."""
+        """Fold the evicted entries into ``eviction.after`` or ``eviction.state`` in place."""
+
+    def state_attention(
+        self, state: dict[str, torch.Tensor], queries: torch.Tensor, layer_idx: int
+    ) -> tuple[torch.Tensor, torch.Tensor] | None:
+        """Log-mass ``[b, h, g, r]`` and mean value ``[b, h, g, r, d]`` that the state adds for
+        ``queries`` ``[b, h, g, r, d]`` (an extra softmax term), or ``None``."""
+        return None
 
 
 @dataclass(frozen=True)
@@ -139,4 +151,4 @@ class Method:
     @property
     def needs_attention(self) -> bool:
         """Whether the cache must compute attention probabilities for this method."""
-        return bool(self.statistics)
+        return bool(self.statistics) or bool(self.absorber and self.absorber.attends)

@@ -6,6 +6,7 @@ import dataclasses
 
 from kvmerge.absorbers.cam import CaM
 from kvmerge.absorbers.kvmerger import KVMerger
+from kvmerge.absorbers.less import LESS
 from kvmerge.config import CompressionConfig
 from kvmerge.method import Absorber, Method, Selector
 from kvmerge.selectors.corm import CORM
@@ -21,7 +22,7 @@ from kvmerge.selectors.tova import TOVA
 SELECTORS: dict[str, type[Selector]] = {
     cls.name: cls for cls in (Full, Streaming, H2O, Scissorhands, TOVA, CORM, SnapKV, Random, KNorm)
 }
-ABSORBERS: dict[str, type[Absorber]] = {cls.name: cls for cls in (CaM, KVMerger)}
+ABSORBERS: dict[str, type[Absorber]] = {cls.name: cls for cls in (CaM, KVMerger, LESS)}
 SHARED_OPTIONS = tuple(f.name for f in dataclasses.fields(CompressionConfig) if f.name != "budget")
 
 
