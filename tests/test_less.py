@@ -85,3 +85,14 @@ def test_tiny_training_lowers_its_loss_and_beats_plain_eviction(tmp_path):
     less = attention_output_errors(model, held_out, kvmerge.make_cache(model, "h2o+less", 16, chunk_size=1,
                                                                      kernels=tmp_path))  # fmt: skip
     assert sum(less) < sum(plain)
+
+
+def test_kvmerger_calibration_hits_its_target():
+    from kvmerge.training import calibrate_kvmerger
+
+    model = tiny_model("llama", layers=2)
+    ids = torch.randint(0, VOCAB, (1, 200), generator=torch.Generator().manual_seed(5))
+    threshold, tried = calibrate_kvmerger(model, ids, target=0.6, recent=8)
+    assert abs(tried[threshold] - 0.6) < 0.05
+    fractions = [tried[t] for t in sorted(tried)]
+    assert fractions == sorted(fractions)  # a higher threshold merges less

@@ -207,3 +207,46 @@ def attention_output_errors(model: PreTrainedModel, ids: torch.Tensor, cache: kv
         for hook in hooks:
             hook.remove()
     return [float((run[1] - run[0]).norm() / run[0].norm()) for _, run in sorted(outputs.items())]
+
+
+def less_training_text(data_dir: str | Path | None = None) -> str:
+    """Text for training LESS that no evaluation reads: the Paul Graham essays after their first fifth
+    and the second half of Wikitext-2 test (perplexity, the demo and the needle test read leading slices)."""
+    from kvmerge.eval.data import load_text
+
+    essays, wiki = load_text("pg-essays"), load_text("wikitext2", data_dir)
+    return essays[len(essays) // 5 :] + "\n\n" + wiki[len(wiki) // 2 :]
+
+
+def merged_fraction(layers: list[tuple[torch.Tensor, ...]], similarity: float, recent: int) -> float:
+    """Fraction of entries left after KVMerger's merging alone, over all layers and KV heads of one
+    captured sequence (the last ``recent`` entries are never merged)."""
+    from kvmerge.absorbers.kvmerger import merging_sets
+
+    left, total = 0, 0
+    for _, key, _ in layers:
+        heads, length = key.shape[:2]
+        candidates = (torch.arange(length) < length - recent).expand(1, heads, length)
+        sets = merging_sets(key.unsqueeze(0), candidates, similarity)[0]
+        merged_away = (sets[:, 1:] >= 0) & (sets[:, 1:] == sets[:, :-1])  # members after a set's first
+        left += heads * length - int(merged_away.sum())
+        total += heads * length
+    return left / total
+
+
+def calibrate_kvmerger(
+    model: PreTrainedModel, ids: torch.Tensor, target: float, recent: int = 32, rounds: int = 12
+) -> tuple[float, dict[float, float]]:
+    """The cosine threshold at which KVMerger's merging alone keeps about ``target`` (a fraction) of
+    the entries of ``ids`` ``[1, L]``; bisection, returning the threshold and every (threshold, fraction)
+    tried."""
+    if not 0.0 < target < 1.0:
+        raise ValueError(f"target is the fraction of entries to keep, in (0, 1); got {target}")
+    layers = capture_layers(model, ids)
+    low, high, tried = -1.0, 1.0, {}
+    for _ in range(rounds):
+        middle = (low + high) / 2
+        tried[middle] = merged_fraction(layers, middle, recent)
+        low, high = (middle, high) if tried[middle] < target else (low, middle)
+    best = min(tried, key=lambda t: abs(tried[t] - target))
+    return best, tried
