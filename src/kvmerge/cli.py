@@ -1,0 +1,283 @@
+"""The ``kvmerge`` command: list methods, generate text, measure streaming perplexity, run the demo."""
+
+from __future__ import annotations
+
+import argparse
+import contextlib
+import json
+import sys
+import time
+from collections.abc import Iterator, Sequence
+from pathlib import Path
+from typing import NoReturn
+
+import torch
+import transformers
+
+import kvmerge
+from kvmerge.config import CompressionConfig
+from kvmerge.registry import build_method
+
+EPILOG_METHODS = """examples:
+  kvmerge methods
+"""
+EPILOG_GENERATE = """examples:
+  kvmerge generate --method h2o+cam --budget 0.2 "Write a haiku about the sea."
+  kvmerge generate --method streaming --budget 64 --max-new-tokens 128 "Tell me a story."
+  kvmerge generate --method full --raw "The capital of France is"
+
+A float budget is a fraction of the prompt (chat template included); an int is entries per KV head.
+"""
+EPILOG_PPL = """examples:
+  kvmerge ppl --method h2o+cam --budget 0.2
+  kvmerge ppl --method streaming+cam --budget 0.2 --data pg-essays --tokens 1024 --chunk 1 --json
+  kvmerge ppl --method tova --budget 256 --data my_book.txt --tokens 4096 --chunk 16
+
+The first --tokens tokens of the text go through one bounded cache in steps of --chunk tokens
+(1 = token by token, the StreamingLLM/CaM protocol) and every next token is scored.
+A float budget is a fraction of --tokens (0.2 = the papers' "20% KV cache").
+"""
+EPILOG_DEMO = """examples:
+  kvmerge demo
+  kvmerge demo --tokens 400 --budget 0.1 --out runs/demo-small
+
+Runs full, streaming, streaming+cam, h2o, h2o+cam and tova token by token on the first --tokens
+tokens of the Paul Graham essays and writes <out>/results.json and <out>/ppl_memory.png.
+"""
+
+
+class UsageError(Exception):
+    """A user error: reported as one ``kvmerge: error: ...`` line, exit status 2."""
+
+
+class _Parser(argparse.ArgumentParser):
+    def error(self, message: str) -> NoReturn:  # one line, no usage block: see --help
+        raise UsageError(f"{message} (see '{self.prog} --help')")
+
+
+def parse_budget(text: str) -> int | float:
+    """``"256"`` -> 256 entries per head; ``"0.2"`` or ``"20%"`` -> the fraction 0.2."""
+    value = text.strip()
+    try:
+        if value.endswith("%"):
+            return float(value[:-1]) / 100
+        return int(value) if value.lstrip("+-").isdigit() else float(value)
+    except ValueError:
+        raise argparse.ArgumentTypeError(
+            f"invalid budget {text!r}: give entries per KV head (e.g. 256) or a fraction (e.g. 0.2 or 20%)"
+        ) from None
+
+
+def _positive_int(text: str) -> int:
+    try:
+        value = int(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"invalid count {text!r}: expected a positive integer") from None
+    if value < 1:
+        raise argparse.ArgumentTypeError(f"invalid count {text!r}: expected a positive integer")
+    return value
+
+
+@contextlib.contextmanager
+def _user_errors() -> Iterator[None]:
+    """Turn the library's validation errors (raised before any compute) into :class:`UsageError`."""
+    try:
+        yield
+    except (ValueError, TypeError, OSError) as error:
+        raise UsageError(" ".join(str(error).split())) from error
+
+
+def _check_method(method: str, budget: int | float | None, **options) -> None:
+    """Validate a method and its budget before loading a model."""
+    build_method(method, CompressionConfig(budget=budget, **options))
+
+
+def _model_name(name: str) -> str:
+    """``name`` for :func:`kvmerge.load_model` (``~`` expanded); a clear error for a missing local path."""
+    if not (name.startswith(("/", ".", "~")) or name.count("/") > 1):  # "default" or a hub id owner/name
+        return name
+    path = Path(name).expanduser()
+    if not path.exists():
+        raise FileNotFoundError(
+            f"no model at {name!r}: give 'default', an existing local path or a hub id (owner/name)"
+        )
+    return str(path)
+
+
+def _cmd_methods(args: argparse.Namespace) -> int:
+    from kvmerge.eval.report import format_table
+
+    described = kvmerge.describe_methods()
+    print(format_table([[name, text] for name, text in described.items()], ["method", "description"]))
+    return 0
+
+
+def _cmd_generate(args: argparse.Namespace) -> int:
+    from transformers import TextStreamer
+
+    options = {"seed": args.seed} | ({"chunk_size": args.chunk} if args.chunk else {})
+    with _user_errors():
+        _check_method(args.method, args.budget, **options)
+        model, tokenizer = kvmerge.load_model(_model_name(args.model))
+        if tokenizer.chat_template and not args.raw:
+            messages = [{"role": "user", "content": args.prompt}]
+            prompt = tokenizer.apply_chat_template(messages, add_generation_prompt=True, tokenize=False)
+            inputs = tokenizer(prompt, add_special_tokens=False, return_tensors="pt")
+        else:
+            inputs = tokenizer(args.prompt, return_tensors="pt")
+        cache = kvmerge.make_cache(model, args.method, budget=args.budget, **options)
+    streamer = TextStreamer(tokenizer, skip_prompt=True, skip_special_tokens=True)
+    start = time.perf_counter()
+    with torch.inference_mode():
+        output = model.generate(
+            **inputs.to(model.device),
+            past_key_values=cache,
+            max_new_tokens=args.max_new_tokens,
+            do_sample=False,
+            streamer=streamer,
+            pad_token_id=tokenizer.pad_token_id,
+        )
+    seconds = time.perf_counter() - start
+    new_tokens = output.shape[1] - inputs.input_ids.shape[1]
+    held, full = cache.kv_bytes(), cache.kv_bytes_full()
+    print(
+        f"kvmerge: {args.method}{'' if args.budget is None else f', budget {args.budget}'}: "
+        f"{new_tokens} new tokens in {seconds:.1f} s; "
+        f"{cache.kept_tokens()} entries kept per head of {cache.get_seq_length()} tokens seen; "
+        f"KV {held / 2**20:.2f} MiB vs {full / 2**20:.2f} MiB full ({100 * held / max(full, 1):.0f}%)",
+        file=sys.stderr,
+    )
+    return 0
+
+
+def _cmd_ppl(args: argparse.Namespace) -> int:
+    from kvmerge.eval import load_text, prepare_perplexity
+    from kvmerge.eval.report import results_table
+
+    with _user_errors():
+        _check_method(args.method, args.budget, chunk_size=args.chunk, seed=args.seed)
+        text = load_text(args.data, args.data_dir)
+        model, tokenizer = kvmerge.load_model(_model_name(args.model))
+        run = prepare_perplexity(
+            model, tokenizer, text, args.method, args.budget, tokens=args.tokens, chunk=args.chunk, seed=args.seed
+        )
+    result = {**run.run(progress=not args.no_progress), "data": args.data}
+    print(json.dumps(result) if args.json else results_table([result]))
+    return 0
+
+
+def _cmd_demo(args: argparse.Namespace) -> int:
+    from kvmerge.eval.demo import prepare_demo
+    from kvmerge.eval.report import results_table
+
+    with _user_errors():
+        methods = args.methods.split(",")
+        for method in methods:
+            _check_method(method, None if method == "full" else args.budget)
+        model = _model_name(args.model)
+        demo = prepare_demo(
+            args.out, tokens=args.tokens, budget=args.budget, model=model, methods=methods, seed=args.seed
+        )
+    start = time.perf_counter()
+    record = demo.run(progress=not args.no_progress)
+    print(results_table(record["results"], budget=False))
+    print(
+        f"{time.perf_counter() - start:.0f} s; wrote {demo.out / 'results.json'} and {demo.out / 'ppl_memory.png'}",
+        file=sys.stderr,
+    )
+    return 0
+
+
+def build_parser() -> argparse.ArgumentParser:
+    """The ``kvmerge`` argument parser."""
+    from kvmerge.eval.data import SOURCES
+    from kvmerge.eval.demo import DEMO_METHODS
+
+    formatter = argparse.RawDescriptionHelpFormatter
+    parser = _Parser(
+        prog="kvmerge",
+        description="Bound the KV cache of a transformers causal LM by evicting and merging entries (CaM).",
+        epilog="Run 'kvmerge COMMAND --help' for each command's options and examples.",
+    )
+    parser.add_argument("--version", action="version", version=f"kvmerge {kvmerge.__version__}")
+    commands = parser.add_subparsers(dest="command", metavar="COMMAND", required=True)
+
+    def command(name: str, summary: str, epilog: str) -> argparse.ArgumentParser:
+        return commands.add_parser(name, help=summary, description=summary, epilog=epilog, formatter_class=formatter)
+
+    def method_options(sub: argparse.ArgumentParser, chunk_default: int | None, chunk_help: str) -> None:
+        sub.add_argument("--method", required=True, help="selector[+absorber], e.g. h2o+cam (see 'kvmerge methods')")
+        sub.add_argument(
+            "--budget",
+            type=parse_budget,
+            help="entries kept per KV head: an int (256) or a fraction in (0, 1] (0.2 or 20%%); not for full",
+        )
+        sub.add_argument("--model", default="default", help="'default' (SmolLM2-135M-Instruct), a local path or hub id")
+        sub.add_argument("--chunk", type=_positive_int, default=chunk_default, help=chunk_help)
+        sub.add_argument("--seed", type=int, default=0, help="seed of the method's random choices (default 0)")
+
+    def threads_option(sub: argparse.ArgumentParser) -> None:
+        sub.add_argument(
+            "--threads",
+            type=_positive_int,
+            default=1,
+            help="torch CPU threads (default 1: token-by-token steps are tiny, and more threads only add overhead)",
+        )
+
+    sub = command("methods", "list the method strings with a description", EPILOG_METHODS)
+    sub.set_defaults(handler=_cmd_methods)
+
+    sub = command("generate", "generate text greedily with a bounded cache, streamed to stdout", EPILOG_GENERATE)
+    method_options(sub, None, "prompt tokens per compression step (default 32; 1 = token by token)")
+    sub.add_argument("--max-new-tokens", type=_positive_int, default=64, help="tokens to generate (default 64)")
+    sub.add_argument("--raw", action="store_true", help="do not apply the tokenizer's chat template")
+    threads_option(sub)
+    sub.add_argument("prompt", help="the prompt (the user message when the chat template applies)")
+    sub.set_defaults(handler=_cmd_generate)
+
+    sub = command("ppl", "streaming perplexity of a text through a bounded cache", EPILOG_PPL)
+    method_options(sub, 1, "tokens per compression step (default 1 = token by token)")
+    sub.add_argument(
+        "--data",
+        default="wikitext2",
+        help=f"{' or '.join(SOURCES)} or the path of a text file (default wikitext2)",
+    )
+    sub.add_argument(
+        "--data-dir",
+        type=Path,
+        help="directory holding wikitext2/wiki.test.raw (default $KVMERGE_DATA, ../shared/data)",
+    )
+    sub.add_argument("--tokens", type=_positive_int, default=1024, help="tokens fed, BOS included (default 1024)")
+    sub.add_argument("--json", action="store_true", help="print one JSON object instead of a table")
+    sub.add_argument("--no-progress", action="store_true", help="no progress bars on stderr")
+    threads_option(sub)
+    sub.set_defaults(handler=_cmd_ppl)
+
+    sub = command("demo", "compare the methods' perplexity and KV memory on the Paul Graham essays", EPILOG_DEMO)
+    sub.add_argument("--tokens", type=_positive_int, default=800, help="tokens fed one by one (default 800)")
+    sub.add_argument("--budget", type=parse_budget, default=0.2, help="budget of every method but full (default 0.2)")
+    sub.add_argument("--out", type=Path, default=Path("runs") / "demo", help="output directory (default runs/demo)")
+    sub.add_argument("--model", default="default", help="'default' (SmolLM2-135M-Instruct), a local path or hub id")
+    sub.add_argument(
+        "--methods", default=",".join(DEMO_METHODS), help=f"comma-separated (default {','.join(DEMO_METHODS)})"
+    )
+    sub.add_argument("--seed", type=int, default=0, help="seed of the methods' random choices (default 0)")
+    sub.add_argument("--no-progress", action="store_true", help="no progress bars on stderr")
+    threads_option(sub)
+    sub.set_defaults(handler=_cmd_demo)
+    return parser
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    """Run the ``kvmerge`` command with ``argv`` (default ``sys.argv[1:]``); returns the exit status:
+    0, or 2 after a one-line ``kvmerge: error: ...`` on stderr for a user error."""
+    try:
+        args = build_parser().parse_args(argv)
+        if hasattr(args, "threads"):
+            torch.set_num_threads(args.threads)
+        if getattr(args, "no_progress", False):
+            transformers.utils.logging.disable_progress_bar()
+        return args.handler(args)
+    except UsageError as error:
+        print(f"kvmerge: error: {error}", file=sys.stderr)
+        return 2

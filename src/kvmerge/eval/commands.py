@@ -1,0 +1,254 @@
+"""The ``kvmerge eval ...`` and ``kvmerge report`` subcommands (wired into :mod:`kvmerge.cli`)."""
+
+from __future__ import annotations
+
+import argparse
+import textwrap
+from pathlib import Path
+
+PAPER_METHODS = "full,streaming,streaming+cam,h2o,h2o+cam"
+PAIRS = "streaming,streaming+cam,h2o,h2o+cam"
+
+
+def _methods(text: str) -> list[str]:
+    import kvmerge
+
+    methods = [m.strip() for m in text.split(",") if m.strip()]
+    known = set(kvmerge.method_names())
+    unknown = [m for m in methods if m not in known]
+    if unknown:
+        raise argparse.ArgumentTypeError(f"unknown method(s) {unknown}; valid: {', '.join(sorted(known))}")
+    return methods
+
+
+def _number(text: str) -> int | float:
+    return float(text) if any(c in text for c in ".eE") else int(text)
+
+
+def _numbers(text: str) -> list[int | float]:
+    try:
+        return [_number(t) for t in text.split(",") if t.strip()]
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"expected a comma list of numbers, got {text!r}") from None
+
+
+def _ints(text: str) -> list[int]:
+    values = _numbers(text)
+    if not all(isinstance(v, int) for v in values):
+        raise argparse.ArgumentTypeError(f"expected a comma list of integers, got {text!r}")
+    return values
+
+
+def _add_common(parser: argparse.ArgumentParser, methods: str, budgets: str, limit: int | None, limit_help: str):
+    parser.add_argument("--methods", type=_methods, default=_methods(methods), help=f"comma list (default {methods})")
+    parser.add_argument(
+        "--budgets",
+        type=_numbers,
+        default=_numbers(budgets),
+        help=f"comma list; float = fraction, int = tokens ({budgets})",
+    )
+    parser.add_argument("--seeds", type=_ints, default=[0], help="comma list; only seeded methods (+cam) repeat (0)")
+    parser.add_argument("--limit", type=int, default=limit, help=f"{limit_help} (default {limit or 'all'})")
+    parser.add_argument("--model", default="default", help="'default' (SmolLM2-135M-Instruct), a path or a hub id")
+    parser.add_argument(
+        "--chunk",
+        type=int,
+        default=None,
+        help="tokens per compression step (1 = token by token; default 1 for qa, ppl, perturbation, 16 otherwise)",
+    )
+    parser.add_argument("--data-dir", default=None, help="data folder (default $KVMERGE_DATA or ../shared/data)")
+
+
+def _subcommand(subparsers, name: str, summary: str, examples: str, out: str) -> argparse.ArgumentParser:
+    parser = subparsers.add_parser(
+        name,
+        help=summary,
+        description=summary,
+        epilog="examples:\n" + textwrap.indent(textwrap.dedent(examples).strip(), "  "),
+        formatter_class=argparse.RawDescriptionHelpFormatter,
+    )
+    parser.add_argument("--out", type=Path, default=Path("runs") / out, help=f"results folder (default runs/{out})")
+    return parser
+
+
+def add_eval_commands(subparsers: argparse._SubParsersAction) -> None:
+    """Add ``eval {ppl,qa,summarization,needle,perturbation}`` and ``report DIR`` to a CLI's subparsers.
+
+    Every leaf parser has a ``func(args) -> int`` default (the exit code).
+    """
+    evaluate = subparsers.add_parser(
+        "eval", help="benchmarks of the CaM paper", description="Run a benchmark; writes results.json/.md and plots."
+    )
+    benchmarks = evaluate.add_subparsers(dest="benchmark", metavar="BENCHMARK", required=True)
+
+    ppl = _subcommand(
+        benchmarks,
+        "ppl",
+        "perplexity against budget (streaming, token by token), one line per method",
+        """
+        kvmerge eval ppl --methods full,streaming,streaming+cam --budgets 0.1,0.3,0.5,0.7,0.9 --limit 512
+        kvmerge eval ppl --dataset pg-essays --methods h2o,h2o+cam --seeds 0,1,2 --out runs/ppl-pg
+        """,
+        "eval-ppl",
+    )
+    _add_common(
+        ppl, "full,streaming,streaming+cam,h2o,h2o+cam", "0.1,0.2,0.3,0.4,0.5,0.6,0.7,0.8,0.9", 512, "tokens scored"
+    )
+    ppl.add_argument("--dataset", default="wikitext2", help="wikitext2, pg-essays or a text file (wikitext2)")
+    ppl.set_defaults(func=_run_ppl, chunk_default=1)
+
+    qa = _subcommand(
+        benchmarks,
+        "qa",
+        "CaM Table 1: zero-shot lm-eval accuracy on COPA, PIQA, OpenBookQA, WinoGrande, RTE, MathQA",
+        """
+        kvmerge eval qa --methods full,streaming,streaming+cam,h2o,h2o+cam --budgets 0.2 --limit 40
+        kvmerge eval qa --tasks kvmerge_copa,kvmerge_rte --methods h2o+cam --seeds 0,1,2,3,4 --limit 100
+        """,
+        "eval-qa",
+    )
+    _add_common(qa, PAPER_METHODS, "0.2", None, "documents per task")
+    qa.add_argument("--tasks", default=None, help="comma list of lm-eval tasks (the six kvmerge_* tasks)")
+    qa.add_argument("--batch-size", type=int, default=32, help="sequences per forward call (32)")
+    qa.set_defaults(func=_run_qa, chunk_default=1)
+
+    summarization = _subcommand(
+        benchmarks,
+        "summarization",
+        "XSUM / CNN-DailyMail zero-shot ROUGE-1/2/L, greedy generation through the compressed cache",
+        """
+        kvmerge eval summarization --dataset xsum --methods full,h2o,h2o+cam --budgets 0.2 --limit 20
+        kvmerge eval summarization --dataset cnn_dailymail --budgets 0.1,0.2,0.5 --limit 50 --out runs/cnndm
+        """,
+        "eval-summarization",
+    )
+    _add_common(summarization, PAPER_METHODS, "0.2", 20, "articles")
+    summarization.add_argument("--dataset", choices=["xsum", "cnn_dailymail"], default="xsum")
+    summarization.add_argument("--batch-size", type=int, default=4, help="prompts per generate call (4)")
+    summarization.add_argument("--max-new-tokens", type=int, default=64)
+    summarization.set_defaults(func=_run_summarization, chunk_default=16)
+
+    needle = _subcommand(
+        benchmarks,
+        "needle",
+        "needle in a haystack (Paul Graham essays): retrieval accuracy heatmap, depth x context length",
+        """
+        kvmerge eval needle --methods full,streaming,h2o+cam --budgets 0.2 --lengths 256,512,1024 --limit 5
+        kvmerge eval needle --methods h2o+cam --budgets 0.1,0.5 --seeds 0,1,2 --out runs/needle
+        """,
+        "eval-needle",
+    )
+    _add_common(needle, PAPER_METHODS, "0.5", 5, "needle depths, evenly spaced from 0%% to 100%%")
+    needle.add_argument("--lengths", type=_ints, default=[256, 512, 1024], help="context lengths in tokens")
+    needle.set_defaults(func=_run_needle, chunk_default=16)
+
+    perturbation = _subcommand(
+        benchmarks,
+        "perturbation",
+        "CaM Fig. 1d: per-layer relative error of attention outputs against the full cache, eviction vs merging",
+        """
+        kvmerge eval perturbation --methods streaming,streaming+cam,h2o,h2o+cam --budgets 0.2 --limit 512
+        kvmerge eval perturbation --dataset wikitext2 --budgets 0.1,0.3 --seeds 0,1,2
+        """,
+        "eval-perturbation",
+    )
+    _add_common(perturbation, PAIRS, "0.2", 512, "tokens of text")
+    perturbation.add_argument("--dataset", default="pg-essays", help="wikitext2, pg-essays or a text file (pg-essays)")
+    perturbation.set_defaults(func=_run_perturbation, chunk_default=1)
+
+    report = subparsers.add_parser(
+        "report",
+        help="re-render results.md and the plots of a results folder from its results.json",
+        description="Re-render results.md and the plots of a results folder from its results.json.",
+        epilog="example:\n  kvmerge report runs/eval-qa",
+        formatter_class=argparse.RawDescriptionHelpFormatter,
+    )
+    report.add_argument("dir", type=Path, help="a folder written by `kvmerge eval ...`")
+    report.set_defaults(func=_run_report)
+
+
+def _load(args: argparse.Namespace):
+    import kvmerge
+
+    return kvmerge.load_model(args.model)
+
+
+def _chunk(args: argparse.Namespace) -> int:
+    return args.chunk or args.chunk_default
+
+
+def _done(out: Path) -> int:
+    print((out / "results.md").read_text())
+    print(f"written: {out}/results.json, results.md and plots")
+    return 0
+
+
+def _run_ppl(args: argparse.Namespace) -> int:
+    from kvmerge.eval.sweep import run_ppl_sweep
+
+    model, tok = _load(args)
+    run_ppl_sweep(
+        model, tok, args.dataset, args.methods, args.budgets, args.seeds, tokens=args.limit, chunk=_chunk(args),
+        out_dir=args.out, data_dir=args.data_dir, model_name=args.model,
+    )  # fmt: skip
+    return _done(args.out)
+
+
+def _run_qa(args: argparse.Namespace) -> int:
+    from kvmerge.eval.harness import QA_TASKS
+    from kvmerge.eval.qa import run_qa
+
+    model, tok = _load(args)
+    tasks = tuple(args.tasks.split(",")) if args.tasks else QA_TASKS
+    run_qa(
+        model, tok, args.methods, args.budgets, args.seeds, tasks=tasks, limit=args.limit, out_dir=args.out,
+        batch_size=args.batch_size, chunk=_chunk(args), data_dir=args.data_dir, model_name=args.model,
+    )  # fmt: skip
+    return _done(args.out)
+
+
+def _run_summarization(args: argparse.Namespace) -> int:
+    from kvmerge.eval.summarization import run_summarization
+
+    model, tok = _load(args)
+    run_summarization(
+        model, tok, args.dataset, args.methods, args.budgets, args.seeds, limit=args.limit, out_dir=args.out,
+        batch_size=args.batch_size, chunk=_chunk(args), max_new_tokens=args.max_new_tokens, data_dir=args.data_dir,
+        model_name=args.model,
+    )  # fmt: skip
+    return _done(args.out)
+
+
+def _run_needle(args: argparse.Namespace) -> int:
+    from kvmerge.eval.needle import run_needle
+
+    model, tok = _load(args)
+    depths = [i / max(args.limit - 1, 1) for i in range(args.limit)]
+    run_needle(
+        model, tok, args.methods, args.budgets, args.seeds, lengths=args.lengths, depths=depths, out_dir=args.out,
+        chunk=_chunk(args), model_name=args.model,
+    )  # fmt: skip
+    return _done(args.out)
+
+
+def _run_perturbation(args: argparse.Namespace) -> int:
+    from kvmerge.eval.data import load_text
+    from kvmerge.eval.perturbation import run_perturbation
+
+    model, tok = _load(args)
+    text = load_text(args.dataset, args.data_dir)
+    run_perturbation(
+        model, tok, text, args.methods, args.budgets, args.seeds, tokens=args.limit, chunk=_chunk(args),
+        out_dir=args.out, model_name=args.model,
+    )  # fmt: skip
+    return _done(args.out)
+
+
+def _run_report(args: argparse.Namespace) -> int:
+    from kvmerge.eval.results import render_report
+
+    if not (args.dir / "results.json").is_file():
+        print(f"error: {args.dir}/results.json not found")
+        return 2
+    print(render_report(args.dir).read_text())
+    return 0

@@ -1,0 +1,203 @@
+"""Writing benchmark results: ``results.json`` (raw numbers), ``results.md`` (mean ± std tables) and PNG plots.
+
+Every benchmark stores flat *records* (one dict per measurement: method, budget, seed, the
+benchmark's own keys and numbers). :func:`render_report` rebuilds the table and plots of any
+results folder from its ``results.json`` alone.
+"""
+
+from __future__ import annotations
+
+import importlib
+import importlib.metadata
+import json
+import math
+import platform
+import statistics
+from collections.abc import Iterable
+from datetime import datetime, timezone
+from pathlib import Path
+
+import matplotlib
+
+matplotlib.use("Agg")
+import matplotlib.pyplot as plt
+
+RESULTS_JSON = "results.json"
+RESULTS_MD = "results.md"
+# benchmark name -> module whose ``render(results: dict, out_dir: Path) -> str`` writes its plots and Markdown
+BENCHMARKS = {
+    "qa": "kvmerge.eval.qa",
+    "summarization": "kvmerge.eval.summarization",
+    "needle": "kvmerge.eval.needle",
+    "perturbation": "kvmerge.eval.perturbation",
+    "ppl": "kvmerge.eval.sweep",
+}
+
+
+def is_seeded(method: str) -> bool:
+    """Whether ``method`` draws random numbers (CaM's gate, the random selector): only those need several seeds."""
+    return "+cam" in method or method.split("+")[0] == "random"
+
+
+def run_grid(
+    methods: list[str], budgets: list[float | int], seeds: list[int]
+) -> list[tuple[str, float | int | None, int]]:
+    """The (method, budget, seed) runs of a sweep: ``full`` once with budget ``None``; methods without
+    randomness with the first seed only."""
+    return [
+        (method, None if method == "full" else budget, seed)
+        for method in methods
+        for budget in ([None] if method == "full" else budgets)
+        for seed in (seeds if is_seeded(method) else seeds[:1])
+    ]
+
+
+def versions() -> dict[str, str]:
+    """Versions of Python and of the packages that produce the numbers."""
+    out = {"python": platform.python_version()}
+    for package in ("kvmerge", "torch", "transformers", "lm_eval", "rouge-score"):
+        try:
+            out[package] = importlib.metadata.version(package)
+        except importlib.metadata.PackageNotFoundError:
+            out[package] = "not installed"
+    return out
+
+
+def write_results(out_dir: str | Path, benchmark: str, config: dict, records: list[dict], **extra) -> Path:
+    """Write ``results.json`` (config, versions, records, ``extra``) into ``out_dir`` and render the report.
+
+    Returns the path of ``results.json``.
+    """
+    out = Path(out_dir)
+    out.mkdir(parents=True, exist_ok=True)
+    payload = {
+        "benchmark": benchmark,
+        "created": datetime.now(timezone.utc).isoformat(timespec="seconds"),
+        "config": config,
+        "versions": versions(),
+        "records": records,
+        **extra,
+    }
+    path = out / RESULTS_JSON
+    path.write_text(json.dumps(payload, indent=1, default=str) + "\n")
+    render_report(out)
+    return path
+
+
+def render_report(out_dir: str | Path) -> Path:
+    """Re-render ``results.md`` and the plots of a results folder from its ``results.json``; returns the ``.md``."""
+    out = Path(out_dir)
+    results = json.loads((out / RESULTS_JSON).read_text())
+    body = importlib.import_module(BENCHMARKS[results["benchmark"]]).render(results, out)
+    versions_line = ", ".join(f"{k} {v}" for k, v in results["versions"].items())
+    config = json.dumps(results["config"], default=str)
+    title = f"# {results['benchmark']} ({results['created']})"
+    text = f"{title}\n\n{body}\n\nConfig: `{config}`\n\nVersions: {versions_line}\n"
+    path = out / RESULTS_MD
+    path.write_text(text)
+    return path
+
+
+def mean_std(values: Iterable[float]) -> tuple[float, float, int]:
+    """Mean, sample standard deviation (0 for one value) and count."""
+    values = [v for v in values if v is not None and not math.isnan(v)]
+    if not values:
+        return math.nan, math.nan, 0
+    return statistics.fmean(values), statistics.stdev(values) if len(values) > 1 else 0.0, len(values)
+
+
+def group(records: list[dict], keys: tuple[str, ...]) -> dict[tuple, list[dict]]:
+    """Records grouped by the values of ``keys``, in first-seen order."""
+    out: dict[tuple, list[dict]] = {}
+    for record in records:
+        out.setdefault(tuple(record.get(k) for k in keys), []).append(record)
+    return out
+
+
+def markdown_table(
+    records: list[dict],
+    rows: tuple[str, ...],
+    column: str,
+    value: str,
+    scale: float = 1.0,
+    digits: int = 1,
+    mean_column: bool = False,
+) -> str:
+    """A Markdown table of ``value`` as mean ± std over seeds (and any other unlisted key).
+
+    Parameters
+    ----------
+    records
+        Flat measurement dicts.
+    rows
+        Keys whose values name a row (e.g. ``("method", "budget")``).
+    column
+        Key whose values name the columns (e.g. ``"task"``).
+    value
+        Key of the number shown; multiplied by ``scale``.
+    mean_column
+        Add a column with the mean over columns of the per-column means.
+    """
+    columns = list(group(records, (column,)))
+    header = [*rows, *(str(c[0]) for c in columns)] + (["mean"] if mean_column else [])
+    lines = ["| " + " | ".join(header) + " |", "|" + "---|" * len(header)]
+    for row_key, row_records in group(records, rows).items():
+        cells, means = [], []
+        cell_groups = group(row_records, (column,))
+        for col in columns:
+            mean, std, n = mean_std(r[value] * scale for r in cell_groups.get(col, []))
+            means.append(mean)
+            cells.append("–" if n == 0 else f"{mean:.{digits}f}" + (f" ± {std:.{digits}f}" if n > 1 else ""))
+        if mean_column:
+            cells.append(f"{mean_std(means)[0]:.{digits}f}")
+        lines.append("| " + " | ".join(map(str, (*row_key, *cells))) + " |")
+    return "\n".join(lines)
+
+
+def line_plot(
+    records: list[dict],
+    x: str,
+    y: str,
+    line: str,
+    path: Path,
+    title: str,
+    xlabel: str | None = None,
+    ylabel: str | None = None,
+    logy: bool = False,
+) -> Path:
+    """One line per value of ``line``: mean of ``y`` against ``x`` (error bars = std over the rest)."""
+    fig, ax = plt.subplots(figsize=(6.4, 4.2))
+    for (name,), line_records in group(records, (line,)).items():
+        points = sorted(group(line_records, (x,)).items(), key=lambda item: item[0][0])
+        stats = [mean_std(r[y] for r in rs) for _, rs in points]
+        ax.errorbar(
+            [k[0] for k, _ in points], [s[0] for s in stats], yerr=[s[1] for s in stats], label=str(name), marker="o"
+        )
+    if logy:
+        ax.set_yscale("log")
+    ax.set(title=title, xlabel=xlabel or x, ylabel=ylabel or y)
+    ax.grid(alpha=0.3)
+    ax.legend(fontsize=8)
+    fig.tight_layout()
+    fig.savefig(path, dpi=120)
+    plt.close(fig)
+    return path
+
+
+def bar_plot(records: list[dict], group_key: str, bar_key: str, y: str, path: Path, title: str, scale: float = 1.0):
+    """Grouped bars: one group per value of ``group_key``, one bar per value of ``bar_key``, height = mean ``y``."""
+    groups = [g[0] for g in group(records, (group_key,))]
+    bars = [b[0] for b in group(records, (bar_key,))]
+    cells = group(records, (group_key, bar_key))
+    width = 0.8 / max(len(bars), 1)
+    fig, ax = plt.subplots(figsize=(max(6.4, 1.2 * len(groups)), 4.2))
+    for i, bar in enumerate(bars):
+        heights = [mean_std(r[y] * scale for r in cells.get((g, bar), []))[0] for g in groups]
+        ax.bar([j + i * width for j in range(len(groups))], heights, width, label=str(bar))
+    ax.set_xticks([j + 0.4 - width / 2 for j in range(len(groups))], [str(g) for g in groups], rotation=20)
+    ax.set(title=title, ylabel=y)
+    ax.legend(fontsize=7)
+    fig.tight_layout()
+    fig.savefig(path, dpi=120)
+    plt.close(fig)
+    return path

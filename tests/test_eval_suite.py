@@ -1,0 +1,299 @@
+"""The evaluation suite: metrics on hand-computed cases, the lm-eval model against the plain model, and every
+benchmark end to end on a tiny random Llama with the real SmolLM2 tokenizer and slices of the real data."""
+
+from __future__ import annotations
+
+import argparse
+import json
+import math
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+import torch
+from transformers import AutoTokenizer, LlamaConfig, LlamaForCausalLM
+
+from kvmerge.eval import harness, needle, results, summarization
+from kvmerge.eval.commands import add_eval_commands
+from kvmerge.models import default_model_path
+
+DATA = Path(os.environ.get("KVMERGE_DATA", Path(__file__).parents[2] / "shared" / "data"))
+needs_data = pytest.mark.skipif(not DATA.is_dir(), reason=f"no evaluation data at {DATA}")
+
+
+@pytest.fixture(scope="module")
+def tiny():
+    """A tiny random Llama (2 layers, 4 query / 2 KV heads) over SmolLM2's tokenizer and vocabulary."""
+    tokenizer = AutoTokenizer.from_pretrained(default_model_path())
+    tokenizer.pad_token = tokenizer.pad_token or tokenizer.eos_token
+    tokenizer.padding_side = "left"
+    torch.manual_seed(0)
+    config = LlamaConfig(
+        vocab_size=len(tokenizer), hidden_size=64, intermediate_size=96, num_hidden_layers=2,
+        num_attention_heads=4, num_key_value_heads=2, max_position_embeddings=4096,
+    )  # fmt: skip
+    return LlamaForCausalLM(config).eval(), tokenizer
+
+
+@pytest.fixture(autouse=True)
+def data_dir(monkeypatch):
+    monkeypatch.setenv("KVMERGE_DATA", str(DATA))
+
+
+# -- metrics on hand-computed cases ---------------------------------------------------------------
+
+
+def test_rouge_on_known_strings():
+    assert summarization.rouge("the cat sat on the mat", "the cat sat on the mat") == pytest.approx(
+        {"rouge1": 1.0, "rouge2": 1.0, "rougeL": 1.0}
+    )
+    # unigrams: 1 of 2 match both ways -> F = 0.5; no bigram in common; LCS = 1 -> 0.5
+    assert summarization.rouge("the dog", "the cat") == pytest.approx({"rouge1": 0.5, "rouge2": 0.0, "rougeL": 0.5})
+    # stemming: "cats" matches "cat"; prediction 3 tokens, reference 2: P = 2/3, R = 1 -> F = 0.8
+    assert summarization.rouge("black cats run", "black cat")["rouge1"] == pytest.approx(0.8)
+
+
+def test_generation_is_cut_at_helm_stops():
+    assert summarization.cut_at_stop("\n\n A short summary.\nNext article ###") == "A short summary."
+    assert summarization.cut_at_stop("One sentence. ### Article: more") == "One sentence."
+
+
+def test_needle_scoring_and_insertion():
+    assert needle.is_correct("You should sit in Dolores  Park.")
+    assert needle.is_correct("DOLORES PARK, with a sandwich")
+    assert not needle.is_correct("Eat a sandwich in Golden Gate Park.")
+    text = "One. Two. Three. Four."
+    assert needle.insert_needle(text, "N.", 0.0) == "N. One. Two. Three. Four."
+    assert needle.insert_needle(text, "N.", 0.5) == "One. Two. N. Three. Four."
+    assert needle.insert_needle(text, "N.", 1.0) == "One. Two. Three. N. Four."
+
+
+def test_table_counts_mean_and_std_over_seeds():
+    records = [
+        {"method": "h2o+cam", "task": "copa", "seed": 0, "acc": 0.5},
+        {"method": "h2o+cam", "task": "copa", "seed": 1, "acc": 0.7},
+        {"method": "h2o+cam", "task": "rte", "seed": 0, "acc": 0.25},
+        {"method": "full", "task": "copa", "seed": 0, "acc": 1.0},
+    ]
+    lines = results.markdown_table(records, ("method",), "task", "acc", scale=100, mean_column=True).splitlines()
+    assert lines[0] == "| method | copa | rte | mean |"
+    std = math.sqrt(2) * 10  # sample std of 50 and 70
+    assert lines[2] == f"| h2o+cam | 60.0 ± {std:.1f} | 25.0 | 42.5 |"
+    assert lines[3] == "| full | 100.0 | – | 100.0 |"
+    assert results.is_seeded("h2o+cam") and results.is_seeded("random") and not results.is_seeded("h2o")
+
+
+# -- the lm-eval tasks and model ------------------------------------------------------------------
+
+
+@needs_data
+def test_tasks_follow_lm_eval_prompts_on_local_data():
+    tasks = harness.task_manager(DATA, include_defaults=False).load(list(harness.QA_TASKS))["tasks"]
+    expected = {  # first document: prompt, choices[:2], gold index
+        "kvmerge_copa": ("The man turned on the faucet therefore", [" the toilet filled with water."], 1),
+        "kvmerge_piqa": ("Question: How do I ready a guinea pig cage for it's new occupants?\nAnswer:", None, 0),
+        "kvmerge_openbookqa": ("A person wants to start saving money", ["make more phone calls"], 1),
+        "kvmerge_winogrande": (
+            1,
+            ["Sarah was a much better surgeon than Maria so Sarah"],
+            "always got the easier cases.",
+        ),
+        "kvmerge_rte": ("Dana Reeve, the widow", ["True", "False"], 1),
+        "kvmerge_mathqa": ("Question: a shopkeeper sold an article", ["38", "27.675"], 0),
+    }
+    sizes = {"kvmerge_copa": 100, "kvmerge_piqa": 1838, "kvmerge_openbookqa": 500, "kvmerge_winogrande": 1267}
+    for name, (text, choices, target) in expected.items():
+        task = tasks[name]
+        doc = next(iter(task.eval_docs))
+        prompt = task.doc_to_text(doc)
+        assert prompt == text if isinstance(text, int) else prompt.startswith(text), name
+        if choices:
+            assert task.doc_to_choice(doc)[: len(choices)] == choices, name
+        assert task.doc_to_target(doc) == target, name
+        if name in sizes:
+            assert len(task.eval_docs) == sizes[name]
+
+
+def lm_of(tiny, method: str, **options) -> harness.KVMergeLM:
+    model, tokenizer = tiny
+    return harness.KVMergeLM(model, tokenizer, method=method, batch_size=3, device="cpu", **options)
+
+
+def plain_logprobs(model, sequence: list[int]) -> torch.Tensor:
+    with torch.no_grad():
+        logits = model(torch.tensor([sequence])).logits[0, :-1]
+    return torch.log_softmax(logits.float(), -1).gather(-1, torch.tensor(sequence[1:])[:, None])[:, 0]
+
+
+REQUESTS = [
+    (("The man turned on the faucet therefore", " the toilet filled with water."), None),
+    (("Question: How do I ready a guinea pig cage?\nAnswer:", " Fill it with straw."), None),
+    (("Short", " one"), None),
+    (("A somewhat longer context with a few more words in it than the others", " ending here."), None),
+]
+
+
+def tokenized(lm: harness.KVMergeLM) -> list:
+    return [((c, x), *lm._encode_pair(c, x)) for (c, x), _ in REQUESTS]
+
+
+def test_full_loglikelihood_equals_plain_model(tiny):
+    lm = lm_of(tiny, "full")
+    requests = tokenized(lm)
+    scores = lm._loglikelihood_tokens(requests, disable_tqdm=True)
+    for (_, context, continuation), (logprob, greedy) in zip(requests, scores, strict=True):
+        expected = plain_logprobs(tiny[0], context + continuation)[-len(continuation) :]
+        assert logprob == pytest.approx(float(expected.sum()), abs=1e-4)
+        assert isinstance(greedy, bool)
+
+
+def test_budget_above_length_equals_full_and_batch_equals_alone(tiny):
+    full = lm_of(tiny, "full")._loglikelihood_tokens(tokenized(lm_of(tiny, "full")), disable_tqdm=True)
+    roomy = lm_of(tiny, "h2o+cam", budget=10_000, seed=1)
+    assert [s for s, _ in roomy._loglikelihood_tokens(tokenized(roomy), disable_tqdm=True)] == pytest.approx(
+        [s for s, _ in full], abs=1e-4
+    )
+    tight = lm_of(tiny, "h2o+cam", budget=0.3, seed=1, chunk=1)
+    batched = [s for s, _ in tight._loglikelihood_tokens(tokenized(tight), disable_tqdm=True)]
+    alone = [tight._loglikelihood_tokens([r], disable_tqdm=True)[0][0] for r in tokenized(tight)]
+    assert batched == pytest.approx(alone, abs=1e-4)
+    assert batched != pytest.approx([s for s, _ in full], abs=1e-3)  # a 30% budget changes the scores
+
+
+# -- every benchmark end to end on the tiny model ---------------------------------------------------
+
+
+def read_results(out: Path) -> dict:
+    assert (out / "results.md").is_file() and list(out.glob("*.png"))
+    payload = json.loads((out / "results.json").read_text())
+    assert {"torch", "transformers", "lm_eval", "kvmerge"} <= payload["versions"].keys()
+    return payload
+
+
+@needs_data
+def test_qa_end_to_end(tiny, tmp_path):
+    from kvmerge.eval.qa import run_qa
+
+    tasks = ("kvmerge_copa", "kvmerge_rte")
+    records = run_qa(*tiny, ["full", "h2o+cam"], [0.5], [0, 1], tasks, limit=2, out_dir=tmp_path, batch_size=8, chunk=4)
+    assert len(records) == 3 * len(tasks)  # full once, h2o+cam for two seeds
+    assert all(0 <= r["acc"] <= 1 and r["n"] == 2 for r in records)
+    payload = read_results(tmp_path)
+    (tmp_path / "results.md").unlink()
+    results.render_report(tmp_path)
+    table = (tmp_path / "results.md").read_text()
+    assert "| method | budget | copa | rte | mean |" in table
+    assert "| h2o+cam | 0.5 |" in table and "| full | None |" in table
+    assert len(payload["records"]) == len(records)
+
+
+@needs_data
+def test_summarization_end_to_end(tiny, tmp_path):
+    records = summarization.run_summarization(
+        *tiny, "xsum", ["full", "streaming"], [0.5], [0], limit=2, out_dir=tmp_path, max_new_tokens=6, batch_size=2
+    )
+    assert [r["method"] for r in records] == ["full", "streaming"]
+    payload = read_results(tmp_path)
+    assert len(payload["examples"]) == 4
+    assert all(0 <= e["rouge1"] <= 1 for e in payload["examples"])
+
+
+def test_needle_end_to_end(tiny, tmp_path):
+    records = needle.run_needle(
+        *tiny,
+        ["full", "h2o+cam"],
+        [0.5],
+        [0],
+        lengths=[48, 96],
+        depths=[0.0, 1.0],
+        out_dir=tmp_path,
+        chunk=8,
+        max_new_tokens=4,
+    )
+    assert len(records) == 2 * 2 * 2 and all(r["correct"] in (0, 1) for r in records)
+    read_results(tmp_path)
+    assert (tmp_path / "needle_h2o_cam_0.5.png").is_file()
+
+
+def test_perturbation_is_zero_with_room_and_grows_when_tight(tiny, tmp_path):
+    from kvmerge.eval.perturbation import run_perturbation
+
+    text = "The quick brown fox jumps over the lazy dog. " * 20
+    roomy = run_perturbation(*tiny, text, ["h2o", "h2o+cam"], [1.0], [0], tokens=48)
+    assert len(roomy) == 2 * 2 and all(r["rel_error"] < 1e-5 for r in roomy)
+    tight = run_perturbation(*tiny, text, ["streaming", "streaming+cam"], [0.2], [0], tokens=48, out_dir=tmp_path)
+    assert all(r["rel_error"] > 1e-4 for r in tight)
+    read_results(tmp_path)
+
+
+@needs_data
+def test_ppl_sweep_end_to_end(tiny, tmp_path):
+    from kvmerge.eval.sweep import run_ppl_sweep
+
+    records = run_ppl_sweep(*tiny, "wikitext2", ["full", "streaming"], [0.25, 1.0], [0], tokens=40, out_dir=tmp_path)
+    by = {(r["method"], r["budget"]): r["ppl"] for r in records}
+    assert by["full", 0.25] == by["full", 1.0] == pytest.approx(by["streaming", 1.0], rel=1e-4)
+    assert by["streaming", 0.25] != pytest.approx(by["full", 0.25], rel=1e-4)
+    read_results(tmp_path)
+
+
+def test_commands_parse_and_report(tmp_path, capsys):
+    parser = argparse.ArgumentParser(prog="kvmerge")
+    add_eval_commands(parser.add_subparsers(dest="command"))
+    args = parser.parse_args(["eval", "qa", "--methods", "h2o,h2o+cam", "--budgets", "0.2,256", "--seeds", "0,1"])
+    assert (args.methods, args.budgets, args.seeds, args.limit) == (["h2o", "h2o+cam"], [0.2, 256], [0, 1], None)
+    with pytest.raises(SystemExit):
+        parser.parse_args(["eval", "qa", "--methods", "nope"])
+    records = [{"method": "h2o", "budget": 0.2, "seed": 0, "task": "copa", "acc": 0.5, "seconds": 1.0}]
+    results.write_results(tmp_path, "qa", {"limit": 2}, records)
+    args = parser.parse_args(["report", str(tmp_path)])
+    assert args.func(args) == 0
+    assert "| h2o | 0.2 | 50.0 | 50.0 |" in capsys.readouterr().out
+    assert parser.parse_args(["report", str(tmp_path / "missing")]).func(parser.parse_args(["report", "x"])) == 2
+
+
+@pytest.mark.integration
+@needs_data
+def test_copa_through_lm_eval_cli_on_smollm2(tmp_path):
+    command = [
+        sys.executable, "-m", "kvmerge.eval.harness", "--model", "kvmerge",
+        "--model_args", "pretrained=default,method=h2o+cam,budget=0.2,seed=0",
+        "--tasks", "kvmerge_copa", "--limit", "8", "--batch_size", "16", "--output_path", str(tmp_path),
+    ]  # fmt: skip
+    done = subprocess.run(command, capture_output=True, text=True, timeout=600)
+    assert done.returncode == 0, done.stderr[-3000:]
+    assert "|kvmerge_copa|" in done.stdout
+    (path,) = tmp_path.rglob("results_*.json")
+    acc = json.loads(path.read_text())["results"]["kvmerge_copa"]["acc,none"]
+    assert acc in {i / 8 for i in range(9)}
+
+
+def test_budget_below_the_sinks_shrinks_them(tiny):
+    lm = lm_of(tiny, "streaming", budget=0.2, chunk=1)
+    requests = tokenized(lm)
+    assert lm.cache_overrides(10) == {"sink": 2} and lm.cache_overrides(20) == {}
+    batched = [s for s, _ in lm._loglikelihood_tokens(requests, disable_tqdm=True)]
+    alone = [lm._loglikelihood_tokens([r], disable_tqdm=True)[0][0] for r in requests]
+    assert batched == pytest.approx(alone, abs=1e-4)
+
+
+def test_rolling_and_generate_until(tiny):
+    from lm_eval.api.instance import Instance
+
+    text = "The quick brown fox jumps over the lazy dog."
+    full, roomy = lm_of(tiny, "full"), lm_of(tiny, "h2o+cam", budget=10_000)
+    rolling = Instance("loglikelihood_rolling", {}, (text,), 0)
+    ids = [full.prefix_token_id, *full.tok_encode(text)]
+    expected = float(plain_logprobs(tiny[0], ids).sum())
+    assert full.loglikelihood_rolling([rolling], disable_tqdm=True) == pytest.approx([expected], abs=1e-3)
+    assert roomy.loglikelihood_rolling([rolling], disable_tqdm=True) == pytest.approx([expected], abs=1e-3)
+    request = Instance("generate_until", {}, (text, {"until": ["zzz"], "max_gen_toks": 5}), 0)
+    (generated,) = lm_of(tiny, "streaming", budget=0.5).generate_until([request], disable_tqdm=True)
+    with torch.no_grad():
+        out = tiny[0].generate(torch.tensor([full.tok_encode(text)]), max_new_tokens=5, do_sample=False)
+    plain = tiny[1].decode(out[0, len(full.tok_encode(text)) :], skip_special_tokens=True)
+    assert isinstance(generated, str) and len(plain) > 0
+    (generated_full,) = full.generate_until([request], disable_tqdm=True)
+    assert generated_full == plain.split("zzz")[0]
