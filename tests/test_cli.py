@@ -68,7 +68,7 @@ def test_methods_lists_every_method(capsys):
     assert "Cache Merging" in out
 
 
-@pytest.mark.parametrize("command", ["methods", "generate", "ppl", "demo"])
+@pytest.mark.parametrize("command", ["methods", "generate", "ppl", "demo", "train-less", "calibrate-kvmerger"])
 def test_help_has_examples(capsys, command):
     with pytest.raises(SystemExit) as exit_:
         main([command, "--help"])
@@ -91,6 +91,15 @@ def test_help_has_examples(capsys, command):
         (["ppl", "--method", "h2o", "--budget", "0.2", "--tokens", "0"], "expected a positive integer"),
         (["demo", "--methods", "full,h2o,nope"], "unknown selector 'nope'"),
         (["ppl", "--budget", "0.2"], "required: --method"),
+        (["eval", "ppl", "--budgets", "0.2,1.5"], r"fraction in (0, 1]"),
+        (["eval", "needle", "--methods", "h2o", "--budgets", "0"], "budget must be > 0"),
+        (["eval", "qa", "--methods", "h2o,nope"], "unknown method(s) ['nope']"),
+        (["eval", "ppl", "--limit", "0"], "--limit must be a positive count"),
+        (["eval", "ppl", "--model", "./no/such/model"], "no model at './no/such/model'"),
+        (["report", "no/such/dir"], "no/such/dir/results.json not found"),
+        (["train-less", "--method", "h2o+cam", "--budget", "0.2"], "train-less takes a selector"),
+        (["train-less", "--method", "h2o", "--budget", "2.0"], r"fraction in (0, 1]"),
+        (["calibrate-kvmerger", "--target", "1.5"], "in (0, 1)"),
         ([], "required: COMMAND"),
     ],
 )
@@ -169,3 +178,16 @@ def test_generate_with_chat_template_on_smollm2(capsys):
     captured = capsys.readouterr()
     assert captured.out.strip()  # some text was streamed
     assert "8 new tokens" in captured.err or "new tokens" in captured.err
+
+
+def test_train_less_and_calibrate_kvmerger_commands(capsys, tiny_dir, tmp_path):
+    out = tmp_path / "kernels"
+    argv = ["--model", str(tiny_dir), "--sequences", "2", "--tokens", "48", "--steps", "3", "--out", str(out)]
+    assert main(["train-less", "--method", "h2o", "--budget", "0.5", "--no-progress", *argv]) == 0
+    assert (out / "kernels.pt").is_file() and (out / "config.json").is_file() and (out / "loss.png").is_file()
+    assert f"kernels: {out}" in capsys.readouterr().out
+    cache = kvmerge.make_cache(kvmerge.load_model(str(tiny_dir))[0], "h2o+less", 0.5, kernels=str(out))
+    assert cache.method.name == "h2o+less"
+    assert main(["calibrate-kvmerger", "--target", "0.5", "--model", str(tiny_dir), "--tokens", "64"]) == 0
+    printed = capsys.readouterr().out
+    assert "similarity=" in printed and "(target 0.5)" in printed

@@ -37,6 +37,23 @@ The first --tokens tokens of the text go through one bounded cache in steps of -
 (1 = token by token, the StreamingLLM/CaM protocol) and every next token is scored.
 A float budget is a fraction of --tokens (0.2 = the papers' "20% KV cache").
 """
+EPILOG_TRAIN_LESS = """examples:
+  kvmerge train-less --method h2o --budget 0.2
+  kvmerge train-less --method streaming --budget 0.1 --steps 300 --out runs/less-streaming-10
+
+Trains LESS's kernels for one selector and budget, layer by layer with the model frozen, on text no
+evaluation reads (the essays after their first fifth + the second half of Wikitext-2 test); prints
+the directory to pass as kernels= (make_cache(model, "h2o+less", 0.2, kernels=DIR)) and writes the
+loss curve (loss.png) beside the kernels.
+"""
+EPILOG_CALIBRATE = """examples:
+  kvmerge calibrate-kvmerger --target 0.5
+  kvmerge calibrate-kvmerger --target 0.35 --tokens 1024 --model path/to/model
+
+Bisects the cosine-similarity threshold at which KVMerger's merging alone keeps --target of the
+entries of a held-out text; pass it as similarity= (make_cache(model, "snapkv+kvmerger", 0.5,
+schedule="prefill", similarity=T)).
+"""
 EPILOG_DEMO = """examples:
   kvmerge demo
   kvmerge demo --tokens 400 --budget 0.1 --out runs/demo-small
@@ -188,8 +205,61 @@ def _cmd_demo(args: argparse.Namespace) -> int:
     return 0
 
 
+def _cmd_train_less(args: argparse.Namespace) -> int:
+    from kvmerge.eval.results import line_plot
+    from kvmerge.models import cache_dir
+    from kvmerge.training import less_training_text, train_less
+
+    with _user_errors():
+        if "+" in args.method:
+            raise ValueError(f"train-less takes a selector (h2o, streaming, ...), got {args.method!r}")
+        _check_method(args.method, args.budget)
+        text = less_training_text(args.data_dir)
+        name = _model_name(args.model)
+        model, tokenizer = kvmerge.load_model(name)
+    directory = args.out or cache_dir() / "less" / f"{Path(name).name}-{args.method}-{args.budget}"
+    needed = args.sequences * args.tokens
+    ids = tokenizer(text[: 16 * needed], return_tensors="pt").input_ids[0]  # 16 characters a token is ample
+    with _user_errors():
+        result = train_less(
+            model, ids, args.method, args.budget, directory=directory, sequences=args.sequences,
+            tokens=args.tokens, steps=args.steps, seed=args.seed, progress=not args.no_progress,
+        )  # fmt: skip
+    curve = [
+        {"layer": f"layer {i}", "step": step, "loss": loss}
+        for i, losses in enumerate(result.losses)
+        if i % max(1, len(result.losses) // 6) == 0
+        for step, loss in enumerate(losses)
+    ]
+    line_plot(curve, "step", "loss", "layer", directory / "loss.png", "LESS kernel training", "Adam step", "MSE")
+    first = sum(c[0] for c in result.losses) / len(result.losses)
+    last = sum(c[-1] for c in result.losses) / len(result.losses)
+    print(f"trained {len(result.losses)} layers in {result.seconds:.0f} s; mean loss {first:.4g} -> {last:.4g}")
+    print(f"kernels: {directory}  (use: make_cache(model, '{args.method}+less', {args.budget}, kernels='{directory}'))")
+    return 0
+
+
+def _cmd_calibrate(args: argparse.Namespace) -> int:
+    from kvmerge.training import calibrate_kvmerger, less_training_text
+
+    with _user_errors():
+        if not 0.0 < args.target < 1.0:
+            raise ValueError(f"--target is the fraction of entries to keep, in (0, 1); got {args.target}")
+        text = less_training_text(args.data_dir)
+        model, tokenizer = kvmerge.load_model(_model_name(args.model))
+    ids = tokenizer(text[: 16 * args.tokens], return_tensors="pt").input_ids[:, : args.tokens]
+    threshold, tried = calibrate_kvmerger(model, ids, args.target)
+    from kvmerge.eval.report import format_table
+
+    rows = [[f"{t:+.4f}", f"{f:.3f}"] for t, f in sorted(tried.items())]
+    print(format_table(rows, ["similarity", "entries kept"]))
+    print(f"similarity={threshold:.4f} keeps {tried[threshold]:.3f} of the entries (target {args.target})")
+    return 0
+
+
 def build_parser() -> argparse.ArgumentParser:
     """The ``kvmerge`` argument parser."""
+    from kvmerge.eval.commands import add_eval_commands
     from kvmerge.eval.data import SOURCES
     from kvmerge.eval.demo import DEMO_METHODS
 
@@ -225,7 +295,7 @@ def build_parser() -> argparse.ArgumentParser:
         )
 
     sub = command("methods", "list the method strings with a description", EPILOG_METHODS)
-    sub.set_defaults(handler=_cmd_methods)
+    sub.set_defaults(func=_cmd_methods)
 
     sub = command("generate", "generate text greedily with a bounded cache, streamed to stdout", EPILOG_GENERATE)
     method_options(sub, None, "prompt tokens per compression step (default 32; 1 = token by token)")
@@ -233,7 +303,7 @@ def build_parser() -> argparse.ArgumentParser:
     sub.add_argument("--raw", action="store_true", help="do not apply the tokenizer's chat template")
     threads_option(sub)
     sub.add_argument("prompt", help="the prompt (the user message when the chat template applies)")
-    sub.set_defaults(handler=_cmd_generate)
+    sub.set_defaults(func=_cmd_generate)
 
     sub = command("ppl", "streaming perplexity of a text through a bounded cache", EPILOG_PPL)
     method_options(sub, 1, "tokens per compression step (default 1 = token by token)")
@@ -251,7 +321,7 @@ def build_parser() -> argparse.ArgumentParser:
     sub.add_argument("--json", action="store_true", help="print one JSON object instead of a table")
     sub.add_argument("--no-progress", action="store_true", help="no progress bars on stderr")
     threads_option(sub)
-    sub.set_defaults(handler=_cmd_ppl)
+    sub.set_defaults(func=_cmd_ppl)
 
     sub = command("demo", "compare the methods' perplexity and KV memory on the Paul Graham essays", EPILOG_DEMO)
     sub.add_argument("--tokens", type=_positive_int, default=800, help="tokens fed one by one (default 800)")
@@ -264,7 +334,31 @@ def build_parser() -> argparse.ArgumentParser:
     sub.add_argument("--seed", type=int, default=0, help="seed of the methods' random choices (default 0)")
     sub.add_argument("--no-progress", action="store_true", help="no progress bars on stderr")
     threads_option(sub)
-    sub.set_defaults(handler=_cmd_demo)
+    sub.set_defaults(func=_cmd_demo)
+
+    sub = command("train-less", "train LESS's kernels for a model and selector policy", EPILOG_TRAIN_LESS)
+    sub.add_argument("--method", required=True, help="the selector whose evictions LESS absorbs (h2o, streaming, ...)")
+    sub.add_argument("--budget", type=parse_budget, required=True, help="the selector's budget (int or fraction)")
+    sub.add_argument("--model", default="default", help="'default' (SmolLM2-135M-Instruct), a local path or hub id")
+    sub.add_argument("--out", type=Path, help="kernel directory (default ~/.cache/kvmerge/less/MODEL-METHOD-BUDGET)")
+    sub.add_argument("--sequences", type=_positive_int, default=8, help="training windows (default 8)")
+    sub.add_argument("--tokens", type=_positive_int, default=512, help="tokens per window (default 512)")
+    sub.add_argument("--steps", type=_positive_int, default=150, help="Adam steps per layer (default 150)")
+    sub.add_argument("--seed", type=int, default=0, help="seed of the kernels' initialisation (default 0)")
+    sub.add_argument("--data-dir", type=Path, help="data folder (default $KVMERGE_DATA or ../shared/data)")
+    sub.add_argument("--no-progress", action="store_true", help="no progress bars on stderr")
+    sub.add_argument("--threads", type=_positive_int, default=2, help="torch CPU threads (default 2)")
+    sub.set_defaults(func=_cmd_train_less)
+
+    sub = command("calibrate-kvmerger", "find KVMerger's similarity threshold for a model", EPILOG_CALIBRATE)
+    sub.add_argument("--target", type=float, required=True, help="fraction of entries merging alone keeps, (0, 1)")
+    sub.add_argument("--model", default="default", help="'default' (SmolLM2-135M-Instruct), a local path or hub id")
+    sub.add_argument("--tokens", type=_positive_int, default=1024, help="tokens of held-out text (default 1024)")
+    sub.add_argument("--data-dir", type=Path, help="data folder (default $KVMERGE_DATA or ../shared/data)")
+    threads_option(sub)
+    sub.set_defaults(func=_cmd_calibrate)
+
+    add_eval_commands(commands)
     return parser
 
 
@@ -277,7 +371,7 @@ def main(argv: Sequence[str] | None = None) -> int:
             torch.set_num_threads(args.threads)
         if getattr(args, "no_progress", False):
             transformers.utils.logging.disable_progress_bar()
-        return args.handler(args)
+        return args.func(args)
     except UsageError as error:
         print(f"kvmerge: error: {error}", file=sys.stderr)
         return 2

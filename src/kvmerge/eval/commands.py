@@ -168,9 +168,17 @@ def add_eval_commands(subparsers: argparse._SubParsersAction) -> None:
 
 
 def _load(args: argparse.Namespace):
+    """Validate every (method, budget) run and the model name, then load the model (errors before any compute)."""
     import kvmerge
+    from kvmerge.cli import UsageError, _model_name, _user_errors
+    from kvmerge.eval.results import run_grid
 
-    return kvmerge.load_model(args.model)
+    with _user_errors():
+        for method, budget, seed in run_grid(args.methods, args.budgets, args.seeds):
+            kvmerge.make_method(method, budget, seed=seed, chunk_size=_chunk(args))
+        if args.limit is not None and args.limit < 1:
+            raise UsageError(f"--limit must be a positive count, got {args.limit}")
+        return kvmerge.load_model(_model_name(args.model))
 
 
 def _chunk(args: argparse.Namespace) -> int:
@@ -247,8 +255,9 @@ def _run_perturbation(args: argparse.Namespace) -> int:
 def _run_report(args: argparse.Namespace) -> int:
     from kvmerge.eval.results import render_report
 
+    from kvmerge.cli import UsageError
+
     if not (args.dir / "results.json").is_file():
-        print(f"error: {args.dir}/results.json not found")
-        return 2
+        raise UsageError(f"{args.dir}/results.json not found: give a folder written by 'kvmerge eval ...'")
     print(render_report(args.dir).read_text())
     return 0
