@@ -253,9 +253,8 @@ def _run_perturbation(args: argparse.Namespace) -> int:
 
 
 def _run_report(args: argparse.Namespace) -> int:
-    from kvmerge.eval.results import render_report
-
     from kvmerge.cli import UsageError
+    from kvmerge.eval.results import render_report
 
     if not (args.dir / "results.json").is_file():
         raise UsageError(f"{args.dir}/results.json not found: give a folder written by 'kvmerge eval ...'")
