@@ -66,10 +66,17 @@ def generate(model, ids, cache, mask=None):
     return torch.stack(out.logits, dim=1), out.sequences
 
 
-@pytest.mark.parametrize("method", ["full", "streaming", "h2o+cam", "scissorhands+cam", "tova"])
+PREFILL_ONLY = ("snapkv", "kvmerger")
+
+
+@pytest.mark.parametrize(
+    "method",
+    ["full", "streaming", "h2o+cam", "scissorhands+cam", "tova", "corm", "random+cam", "knorm", "snapkv+kvmerger"],
+)
 @pytest.mark.parametrize("budget", [10, 0.5])
 def test_sequence_in_batch_equals_sequence_alone(llama, method, budget):
-    options = {} if method == "full" else {"budget": budget, "chunk_size": 3}
+    schedule = {"schedule": "prefill", "decode_interval": 3} if any(m in method for m in PREFILL_ONLY) else {}
+    options = {} if method == "full" else {"budget": budget, "chunk_size": 3, **schedule}
     sequences, batch, mask = left_padded_batch([30, 22, 17])
     batched, batch_tokens = generate(llama, batch, kvmerge.make_cache(llama, method, **options), mask)
     for row, sequence in enumerate(sequences):
@@ -89,11 +96,15 @@ def test_padding_is_never_kept(llama):
         assert int(layer.index[1].max()) == 11
 
 
-@pytest.mark.parametrize("method", ["h2o+cam", "streaming+cam", "scissorhands+cam", "tova"])
+@pytest.mark.parametrize(
+    "method",
+    ["h2o+cam", "streaming+cam", "scissorhands+cam", "tova", "corm+cam", "random", "knorm+cam", "snapkv+kvmerger"],
+)
 def test_same_seed_same_result(llama, method):
     ids = ids_of(60)
-    first, _ = run(llama, method, ids, budget=16, chunk_size=1, seed=3)
-    again, _ = run(llama, method, ids, budget=16, chunk_size=1, seed=3)
+    schedule = {"schedule": "prefill"} if any(m in method for m in PREFILL_ONLY) else {"chunk_size": 1}
+    first, _ = run(llama, method, ids, budget=16, seed=3, **schedule)
+    again, _ = run(llama, method, ids, budget=16, seed=3, **schedule)
     assert torch.equal(first, again)
 
 

@@ -79,12 +79,11 @@ def merge_sets(entries: Entries, sets: torch.Tensor, sigma: float | None) -> Ent
         variance = torch.full_like(distance, sigma**2)
     kernel = torch.exp(-distance / (2 * variance)) * member
     total = torch.zeros(batch, heads, n + 1, device=keys.device).scatter_add(-1, group, kernel).gather(-1, group)
-    weight = (kernel / total).unsqueeze(-1)
+    weight = torch.where(member, kernel / total.clamp(min=1.0), 0.0).unsqueeze(-1)  # a set's total is >= 1 (pivot)
     target = pivot_slot.clamp(max=n - 1).unsqueeze(-1).expand(-1, -1, -1, dim)
-    merged_keys = torch.where(member.unsqueeze(-1), 0.0, keys).scatter_add(2, target, weight * keys * member[..., None])
-    merged_values = torch.where(member.unsqueeze(-1), 0.0, values).scatter_add(
-        2, target, weight * values * member[..., None]
-    )
+    outside = ~member.unsqueeze(-1)
+    merged_keys = torch.where(outside, keys, 0.0).scatter_add(2, target, weight * keys)
+    merged_values = torch.where(outside, values, 0.0).scatter_add(2, target, weight * values)
     return replace(
         entries,
         keys=merged_keys.to(entries.keys.dtype),
