@@ -95,6 +95,8 @@ def test_help_has_examples(capsys, command):
         (["eval", "needle", "--methods", "h2o", "--budgets", "0"], "budget must be > 0"),
         (["eval", "qa", "--methods", "h2o,nope"], "unknown method(s) ['nope']"),
         (["eval", "ppl", "--limit", "0"], "--limit must be a positive count"),
+        (["eval", "ppl", "--methods", "snapkv", "--budgets", "0.5"], "teacher-forced scoring would see the full"),
+        (["ppl", "--method", "h2o+kvmerger", "--budget", "0.5"], "compresses once after a prompt"),
         (["eval", "ppl", "--model", "./no/such/model"], "no model at './no/such/model'"),
         (["report", "no/such/dir"], "no/such/dir/results.json not found"),
         (["train-less", "--method", "h2o+cam", "--budget", "0.2"], "train-less takes a selector"),

@@ -257,6 +257,10 @@ def test_snapkv_keeps_max_pooled_votes_and_the_window():
 def test_snapkv_needs_the_prefill_schedule():
     with pytest.raises(ValueError, match="snapkv works at prefill: pass schedule='prefill'"):
         build_method("snapkv", CompressionConfig(budget=8))
+    with pytest.raises(ValueError, match="snapkv works at prefill: pass schedule='prefill'"):
+        kvmerge.make_method("snapkv", 8, schedule="step")
+    assert kvmerge.make_method("snapkv", 8).config.schedule == "prefill"  # its own schedule by default
+    assert kvmerge.make_method("h2o", 8).config.schedule == "step"
 
 
 @pytest.mark.parametrize(("method", "options", "message"), [
@@ -305,4 +309,5 @@ def test_kvmerger_merges_similar_runs_into_their_pivot():
 
 def test_kvmerger_needs_the_prefill_schedule():
     with pytest.raises(ValueError, match="kvmerger works at prefill"):
-        kvmerge.make_method("h2o+kvmerger", 8)
+        kvmerge.make_method("h2o+kvmerger", 8, schedule="step")
+    assert kvmerge.make_method("h2o+kvmerger", 8, decode_interval=4).config.schedule == "prefill"

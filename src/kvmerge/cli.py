@@ -15,8 +15,6 @@ import torch
 import transformers
 
 import kvmerge
-from kvmerge.config import CompressionConfig
-from kvmerge.registry import build_method
 
 EPILOG_METHODS = """examples:
   kvmerge methods
@@ -106,7 +104,7 @@ def _user_errors() -> Iterator[None]:
 
 def _check_method(method: str, budget: int | float | None, **options) -> None:
     """Validate a method and its budget before loading a model."""
-    build_method(method, CompressionConfig(budget=budget, **options))
+    kvmerge.make_method(method, budget, **options)
 
 
 def _model_name(name: str) -> str:

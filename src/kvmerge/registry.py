@@ -85,9 +85,14 @@ def build_method(name: str, config: CompressionConfig, **options) -> Method:
 
 def make_method(name: str, budget: int | float | None = None, **options) -> Method:
     """Build a method from a flat set of options: those of :class:`CompressionConfig` configure the
-    cache, the rest go to the selector and absorber that take them."""
+    cache, the rest go to the selector and absorber that take them. Without a ``schedule`` option a
+    method gets its own: ``"prefill"`` when a part works only there (SnapKV, KVMerger), else ``"step"``."""
     shared = {k: v for k, v in options.items() if k in SHARED_OPTIONS}
     own = {k: v for k, v in options.items() if k not in SHARED_OPTIONS}
+    if "schedule" not in shared and isinstance(name, str):  # a prefill-only part (snapkv, kvmerger) sets it
+        selector_name, _, absorber_name = name.strip().lower().partition("+")
+        parts = (SELECTORS.get(selector_name), ABSORBERS.get(absorber_name))
+        shared["schedule"] = next((cls.schedule for cls in parts if cls and cls.schedule), "step")
     try:
         return build_method(name, CompressionConfig(budget=budget, **shared), **own)
     except TypeError as error:

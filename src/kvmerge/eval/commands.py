@@ -8,6 +8,7 @@ from pathlib import Path
 
 PAPER_METHODS = "full,streaming,streaming+cam,h2o,h2o+cam"
 PAIRS = "streaming,streaming+cam,h2o,h2o+cam"
+TEACHER_FORCED = ("ppl", "qa", "perturbation")  # score whole texts in one forward call: step schedule only
 
 
 def _methods(text: str) -> list[str]:
@@ -171,11 +172,14 @@ def _load(args: argparse.Namespace):
     """Validate every (method, budget) run and the model name, then load the model (errors before any compute)."""
     import kvmerge
     from kvmerge.cli import UsageError, _model_name, _user_errors
+    from kvmerge.eval.perplexity import require_step_schedule
     from kvmerge.eval.results import run_grid
 
     with _user_errors():
         for method, budget, seed in run_grid(args.methods, args.budgets, args.seeds):
-            kvmerge.make_method(method, budget, seed=seed, chunk_size=_chunk(args))
+            built = kvmerge.make_method(method, budget, seed=seed, chunk_size=_chunk(args))
+            if args.benchmark in TEACHER_FORCED:
+                require_step_schedule(built)
         if args.limit is not None and args.limit < 1:
             raise UsageError(f"--limit must be a positive count, got {args.limit}")
         return kvmerge.load_model(_model_name(args.model))

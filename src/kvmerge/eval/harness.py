@@ -32,6 +32,7 @@ from tqdm import tqdm
 from transformers import PreTrainedModel, PreTrainedTokenizerBase
 
 import kvmerge
+from kvmerge.eval.perplexity import require_step_schedule
 
 MODEL_NAME = "kvmerge"
 TASKS_DIR = Path(__file__).with_name("tasks")
@@ -118,6 +119,11 @@ class KVMergeLM(TemplateLM):
         }
         self.cache_options.update(options)
         method_ = kvmerge.make_cache(self.model, method, **self.cache_options).method  # validates the options now
+        self.teacher_forced_error = None  # loglikelihood needs the step schedule; generation takes any
+        try:
+            require_step_schedule(method_)
+        except ValueError as error:
+            self.teacher_forced_error = error
         self.sink = method_.selector.default_sink if method_.config.sink is None else method_.config.sink
         self.batch_size = int(batch_size) if str(batch_size).isdigit() else 8
         self.max_length = max_length or self.model.config.get_text_config().max_position_embeddings
@@ -196,6 +202,8 @@ class KVMergeLM(TemplateLM):
             Per sequence, ``[k_i]`` float32 ``log p(x_t | x_<t)`` for its last ``k_i = min(scored, n_i - 1)``
             tokens and ``[k_i]`` bool: whether ``x_t`` is the most likely token there.
         """
+        if self.teacher_forced_error is not None:
+            raise self.teacher_forced_error
         longest = max(map(len, sequences))
         scored = longest - 1 if scored is None else scored
         ids = torch.full((len(sequences), longest), self.tokenizer.pad_token_id, dtype=torch.long)

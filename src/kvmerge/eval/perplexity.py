@@ -21,6 +21,18 @@ from transformers import PreTrainedModel, PreTrainedTokenizerBase
 
 from kvmerge import make_cache
 from kvmerge.config import CompressionConfig
+from kvmerge.method import Method
+
+
+def require_step_schedule(method: Method) -> None:
+    """Teacher-forced scoring (perplexity, loglikelihood, attention error) runs a whole text in one
+    forward call; a ``prefill``-schedule method compresses only after it, so every token would be
+    scored with the full cache: refuse it with a clear error."""
+    if method.config.schedule != "step":
+        raise ValueError(
+            f"{method.name} compresses once after a prompt (schedule='prefill'): teacher-forced scoring would "
+            "see the full cache for every token; evaluate it with generation (needle, summarization)"
+        )
 
 
 @dataclass
@@ -94,7 +106,7 @@ def prepare_perplexity(
     CompressionConfig(budget=budget)  # validates the budget as given, before it is turned into a count
     budget_tokens = math.ceil(budget * tokens) if isinstance(budget, float) else budget
     cache_options = {"method": method, "budget": budget_tokens, "chunk_size": chunk, "seed": seed, **options}
-    make_cache(model, **cache_options)  # validates the method and every option
+    require_step_schedule(make_cache(model, **cache_options).method)  # validates the method and every option
     ids = token_ids(tokenizer, text, tokens).to(model.device)
     info = {
         "method": method,

@@ -18,6 +18,7 @@ from transformers import PreTrainedModel, PreTrainedTokenizerBase
 
 import kvmerge
 from kvmerge.eval import results
+from kvmerge.eval.perplexity import require_step_schedule
 
 
 def attention_modules(model: PreTrainedModel) -> list[torch.nn.Module]:
@@ -65,9 +66,11 @@ def run_perturbation(
 
     Returns one record per (method, budget, seed, layer): ``rel_error``, and the run's ``seconds``.
     """
+    runs = results.run_grid([m for m in methods if m != "full"], budgets, seeds)
+    for method, budget, seed in runs:  # validate every run before any compute
+        require_step_schedule(kvmerge.make_method(method, budget, seed=seed, chunk_size=chunk))
     ids = tokenizer(text, return_tensors="pt").input_ids[:, :tokens].to(model.device)
     full = attention_outputs(model, ids, kvmerge.make_cache(model, "full"))
-    runs = results.run_grid([m for m in methods if m != "full"], budgets, seeds)
     records = []
     for method, budget, seed in tqdm(runs, desc="perturbation"):
         start = time.perf_counter()
