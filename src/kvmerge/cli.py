@@ -56,7 +56,8 @@ EPILOG_DEMO = """examples:
   kvmerge demo
   kvmerge demo --tokens 400 --budget 0.1 --out runs/demo-small
 
-Runs full, streaming, streaming+cam, h2o, h2o+cam and tova token by token on the first --tokens
+Runs full, streaming, streaming+cam, h2o, h2o+cam, tova, scissorhands, corm (adaptive size),
+knorm and random (baselines) token by token on the first --tokens
 tokens of the Paul Graham essays and writes <out>/results.json and <out>/ppl_memory.png.
 """
 

@@ -1,4 +1,6 @@
-"""The demo: full vs StreamingLLM vs CaM vs H2O vs TOVA, token by token on the Paul Graham essays."""
+"""The demo: full vs StreamingLLM vs CaM vs H2O vs TOVA vs the other step-schedule selectors, token by token
+on the Paul Graham essays. (SnapKV and KVMerger compress once after a prompt, and LESS needs trained kernels:
+the needle benchmark compares them.)"""
 
 from __future__ import annotations
 
@@ -16,7 +18,9 @@ from kvmerge.eval.data import load_text
 from kvmerge.eval.perplexity import PerplexityRun, prepare_perplexity
 from kvmerge.eval.report import plot_ppl_memory
 
-DEMO_METHODS = ("full", "streaming", "streaming+cam", "h2o", "h2o+cam", "tova")
+DEMO_METHODS = (
+    "full", "streaming", "streaming+cam", "h2o", "h2o+cam", "tova", "scissorhands", "corm", "knorm", "random",
+)  # fmt: skip
 
 
 @dataclass
