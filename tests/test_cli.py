@@ -95,6 +95,12 @@ def test_help_has_examples(capsys, command):
         (["eval", "needle", "--methods", "h2o", "--budgets", "0"], "budget must be > 0"),
         (["eval", "qa", "--methods", "h2o,nope"], "unknown method(s) ['nope']"),
         (["eval", "ppl", "--limit", "0"], "--limit must be a positive count"),
+        (
+            ["eval", "ppl", "--methods", "full,h2o", "--option", "kernels=x"],
+            "no method of full,h2o takes option(s) kernels",
+        ),
+        (["eval", "needle", "--option", "merge_window"], "expected KEY=VALUE"),
+        (["eval", "ppl", "--methods", "h2o+cam", "--option", "merge_window=0"], "merge_window must be >= 1"),
         (["eval", "ppl", "--methods", "snapkv", "--budgets", "0.5"], "teacher-forced scoring would see the full"),
         (["ppl", "--method", "h2o+kvmerger", "--budget", "0.5"], "compresses once after a prompt"),
         (["eval", "ppl", "--model", "./no/such/model"], "no model at './no/such/model'"),

@@ -311,3 +311,12 @@ def test_kvmerger_needs_the_prefill_schedule():
     with pytest.raises(ValueError, match="kvmerger works at prefill"):
         kvmerge.make_method("h2o+kvmerger", 8, schedule="step")
     assert kvmerge.make_method("h2o+kvmerger", 8, decode_interval=4).config.schedule == "prefill"
+
+
+def test_options_for_picks_what_each_method_takes():
+    from kvmerge.registry import options_for
+
+    options = {"kernels": "dir", "merge_window": 32, "sink": 8, "window": 16}
+    assert options_for("full", options) == {}
+    assert options_for("h2o", options) == {"merge_window": 32, "sink": 8}  # shared options: every method
+    assert options_for("corm+less", options) == {"kernels": "dir", "merge_window": 32, "sink": 8, "window": 16}

@@ -83,6 +83,17 @@ def build_method(name: str, config: CompressionConfig, **options) -> Method:
     return Method(selector, absorber, config)
 
 
+def options_for(method: str, options: dict) -> dict:
+    """The part of ``options`` that ``method`` takes (shared options and its parts' own; none for ``full``),
+    so one set of options, e.g. ``{"kernels": DIR, "merge_window": 32}``, can serve a list of methods."""
+    selector_name, _, absorber_name = method.strip().lower().partition("+")
+    selector, absorber = SELECTORS.get(selector_name), ABSORBERS.get(absorber_name)
+    if selector is None or not selector.compresses:
+        return {}
+    taken = set(SHARED_OPTIONS) | set(method_options(selector)) | set(method_options(absorber) if absorber else ())
+    return {k: v for k, v in options.items() if k in taken}
+
+
 def make_method(name: str, budget: int | float | None = None, **options) -> Method:
     """Build a method from a flat set of options: those of :class:`CompressionConfig` configure the
     cache, the rest go to the selector and absorber that take them. Without a ``schedule`` option a

@@ -40,6 +40,19 @@ def _ints(text: str) -> list[int]:
     return values
 
 
+def _option(text: str) -> tuple[str, object]:
+    """``KEY=VALUE`` -> ``(key, value)``, the value read as an int, a float, a bool or else a string."""
+    key, sep, value = text.partition("=")
+    if not sep or not key.strip():
+        raise argparse.ArgumentTypeError(f"expected KEY=VALUE (e.g. merge_window=32), got {text!r}")
+    for parse in (int, float):
+        try:
+            return key.strip(), parse(value)
+        except ValueError:
+            pass
+    return key.strip(), {"true": True, "false": False}.get(value.lower(), value)
+
+
 def _add_common(parser: argparse.ArgumentParser, methods: str, budgets: str, limit: int | None, limit_help: str):
     parser.add_argument("--methods", type=_methods, default=_methods(methods), help=f"comma list (default {methods})")
     parser.add_argument(
@@ -58,6 +71,16 @@ def _add_common(parser: argparse.ArgumentParser, methods: str, budgets: str, lim
         help="tokens per compression step (1 = token by token; default 1 for qa, ppl, perturbation, 16 otherwise)",
     )
     parser.add_argument("--data-dir", default=None, help="data folder (default $KVMERGE_DATA or ../shared/data)")
+    parser.add_argument(
+        "--option",
+        dest="options",
+        type=_option,
+        action="append",
+        default=[],
+        metavar="KEY=VALUE",
+        help="a make_cache option for every method that takes it (repeatable): merge_window=32, "
+        "similarity=0.87, kernels=DIR (for +less), sink=8, ...",
+    )
 
 
 def _subcommand(subparsers, name: str, summary: str, examples: str, out: str) -> argparse.ArgumentParser:
@@ -174,10 +197,16 @@ def _load(args: argparse.Namespace):
     from kvmerge.cli import UsageError, _model_name, _user_errors
     from kvmerge.eval.perplexity import require_step_schedule
     from kvmerge.eval.results import run_grid
+    from kvmerge.registry import options_for
 
+    args.options = dict(args.options)
     with _user_errors():
+        unused = set(args.options) - {key for m in args.methods for key in options_for(m, args.options)}
+        if unused:
+            raise UsageError(f"no method of {','.join(args.methods)} takes option(s) {', '.join(sorted(unused))}")
         for method, budget, seed in run_grid(args.methods, args.budgets, args.seeds):
-            built = kvmerge.make_method(method, budget, seed=seed, chunk_size=_chunk(args))
+            own = options_for(method, args.options)
+            built = kvmerge.make_method(method, budget, seed=seed, chunk_size=_chunk(args), **own)
             if args.benchmark in TEACHER_FORCED:
                 require_step_schedule(built)
         if args.limit is not None and args.limit < 1:
@@ -201,7 +230,7 @@ def _run_ppl(args: argparse.Namespace) -> int:
     model, tok = _load(args)
     run_ppl_sweep(
         model, tok, args.dataset, args.methods, args.budgets, args.seeds, tokens=args.limit, chunk=_chunk(args),
-        out_dir=args.out, data_dir=args.data_dir, model_name=args.model,
+        out_dir=args.out, data_dir=args.data_dir, model_name=args.model, options=args.options,
     )  # fmt: skip
     return _done(args.out)
 
@@ -215,6 +244,7 @@ def _run_qa(args: argparse.Namespace) -> int:
     run_qa(
         model, tok, args.methods, args.budgets, args.seeds, tasks=tasks, limit=args.limit, out_dir=args.out,
         batch_size=args.batch_size, chunk=_chunk(args), data_dir=args.data_dir, model_name=args.model,
+        options=args.options,
     )  # fmt: skip
     return _done(args.out)
 
@@ -226,7 +256,7 @@ def _run_summarization(args: argparse.Namespace) -> int:
     run_summarization(
         model, tok, args.dataset, args.methods, args.budgets, args.seeds, limit=args.limit, out_dir=args.out,
         batch_size=args.batch_size, chunk=_chunk(args), max_new_tokens=args.max_new_tokens, data_dir=args.data_dir,
-        model_name=args.model,
+        model_name=args.model, options=args.options,
     )  # fmt: skip
     return _done(args.out)
 
@@ -238,7 +268,7 @@ def _run_needle(args: argparse.Namespace) -> int:
     depths = [i / max(args.limit - 1, 1) for i in range(args.limit)]
     run_needle(
         model, tok, args.methods, args.budgets, args.seeds, lengths=args.lengths, depths=depths, out_dir=args.out,
-        chunk=_chunk(args), model_name=args.model,
+        chunk=_chunk(args), model_name=args.model, options=args.options,
     )  # fmt: skip
     return _done(args.out)
 
@@ -251,7 +281,7 @@ def _run_perturbation(args: argparse.Namespace) -> int:
     text = load_text(args.dataset, args.data_dir)
     run_perturbation(
         model, tok, text, args.methods, args.budgets, args.seeds, tokens=args.limit, chunk=_chunk(args),
-        out_dir=args.out, model_name=args.model,
+        out_dir=args.out, model_name=args.model, options=args.options,
     )  # fmt: skip
     return _done(args.out)
 

@@ -20,6 +20,7 @@ from transformers import PreTrainedModel, PreTrainedTokenizerBase
 import kvmerge
 from kvmerge.eval import results
 from kvmerge.eval.data import load_text
+from kvmerge.registry import options_for
 
 NEEDLE = "The best thing to do in San Francisco is eat a sandwich and sit in Dolores Park on a sunny day."
 QUESTION = "What is the best thing to do in San Francisco?"
@@ -63,10 +64,14 @@ def answer(
     seed: int,
     chunk: int,
     max_new_tokens: int = 32,
+    options: dict | None = None,
 ) -> list[str]:
-    """Greedy answers to a left-padded batch of chat ``prompts`` through one fresh cache."""
+    """Greedy answers to a left-padded batch of chat ``prompts`` through one fresh cache (``options``: the
+    method's other :func:`kvmerge.make_cache` options)."""
     batch = tokenizer(prompts, return_tensors="pt", padding=True, add_special_tokens=False).to(model.device)
-    cache = kvmerge.make_cache(model, method, budget=None if method == "full" else budget, seed=seed, chunk_size=chunk)
+    cache = kvmerge.make_cache(
+        model, method, None if method == "full" else budget, seed=seed, chunk_size=chunk, **(options or {})
+    )
     out = model.generate(
         **batch,
         past_key_values=cache,
@@ -93,6 +98,7 @@ def run_needle(
     haystack: str | None = None,
     max_new_tokens: int = 32,
     model_name: str = "default",
+    options: dict | None = None,
 ) -> list[dict]:
     """Retrieval accuracy of every (method, budget, seed) over the grid ``lengths`` x ``depths``.
 
@@ -106,7 +112,8 @@ def run_needle(
     records = []
     for (method, budget, seed), length in tqdm([(r, n) for r in runs for n in lengths], desc="needle"):
         start = time.perf_counter()
-        answers = answer(model, tokenizer, prompts[length], method, budget, seed, chunk, max_new_tokens)
+        own = options_for(method, options or {})
+        answers = answer(model, tokenizer, prompts[length], method, budget, seed, chunk, max_new_tokens, own)
         seconds = time.perf_counter() - start
         for depth, text in zip(depths, answers, strict=True):
             record = {"method": method, "budget": budget, "seed": seed, "length": length, "depth": depth}
@@ -124,6 +131,7 @@ def run_needle(
             "question": question,
             "key_fact": key_fact,
             "max_new_tokens": max_new_tokens,
+            "options": options or {},
             "budget_semantics": "fraction of each prompt",
         }
         results.write_results(out_dir, "needle", config, records)

@@ -19,6 +19,7 @@ from transformers import PreTrainedModel, PreTrainedTokenizerBase
 import kvmerge
 from kvmerge.eval import results
 from kvmerge.eval.perplexity import require_step_schedule
+from kvmerge.registry import options_for
 
 
 def attention_modules(model: PreTrainedModel) -> list[torch.nn.Module]:
@@ -61,6 +62,7 @@ def run_perturbation(
     chunk: int = 1,
     out_dir: str | Path | None = None,
     model_name: str = "default",
+    options: dict | None = None,
 ) -> list[dict]:
     """Per-layer relative attention-output error of every (method, budget, seed) against the full cache.
 
@@ -68,13 +70,15 @@ def run_perturbation(
     """
     runs = results.run_grid([m for m in methods if m != "full"], budgets, seeds)
     for method, budget, seed in runs:  # validate every run before any compute
-        require_step_schedule(kvmerge.make_method(method, budget, seed=seed, chunk_size=chunk))
+        own = options_for(method, options or {})
+        require_step_schedule(kvmerge.make_method(method, budget, seed=seed, chunk_size=chunk, **own))
     ids = tokenizer(text, return_tensors="pt").input_ids[:, :tokens].to(model.device)
     full = attention_outputs(model, ids, kvmerge.make_cache(model, "full"))
     records = []
     for method, budget, seed in tqdm(runs, desc="perturbation"):
         start = time.perf_counter()
-        cache = kvmerge.make_cache(model, method, budget=budget, seed=seed, chunk_size=chunk)
+        own = options_for(method, options or {})
+        cache = kvmerge.make_cache(model, method, budget=budget, seed=seed, chunk_size=chunk, **own)
         errors = relative_errors(attention_outputs(model, ids, cache), full)
         seconds = time.perf_counter() - start
         records += [
@@ -89,6 +93,7 @@ def run_perturbation(
             "seeds": seeds,
             "tokens": int(ids.shape[1]),
             "chunk": chunk,
+            "options": options or {},
             "budget_semantics": "fraction of the text",
         }
         results.write_results(out_dir, "perturbation", config, records)

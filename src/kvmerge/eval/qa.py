@@ -10,6 +10,7 @@ from tqdm import tqdm
 from transformers import PreTrainedModel, PreTrainedTokenizerBase
 
 from kvmerge.eval import harness, results
+from kvmerge.registry import options_for
 
 METRIC = "acc"
 
@@ -27,6 +28,7 @@ def run_qa(
     chunk: int = 1,
     data_dir: str | Path | None = None,
     model_name: str = "default",
+    options: dict | None = None,
 ) -> list[dict]:
     """Accuracy of every (method, budget, seed) on ``tasks`` through lm-eval's ``simple_evaluate``.
 
@@ -54,13 +56,15 @@ def run_qa(
         "limit": limit,
         "chunk": chunk,
         "batch_size": batch_size,
+        "options": options or {},
         "budget_semantics": "fraction of each scored sequence (context + continuation), causal eviction",
     }
     records = []
     for method, budget, seed in tqdm(runs, desc="qa runs"):
         lm = harness.KVMergeLM(
-            model, tokenizer, method=method, budget=budget, seed=seed, chunk=chunk, batch_size=batch_size
-        )
+            model, tokenizer, method=method, budget=budget, seed=seed, chunk=chunk, batch_size=batch_size,
+            **options_for(method, options or {}),
+        )  # fmt: skip
         start = time.perf_counter()
         out = lm_eval.simple_evaluate(
             model=lm, tasks=list(tasks), limit=limit, task_manager=manager, verbosity="WARNING"

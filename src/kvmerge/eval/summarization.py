@@ -16,6 +16,7 @@ from transformers import PreTrainedModel, PreTrainedTokenizerBase, StoppingCrite
 
 import kvmerge
 from kvmerge.eval import local, results
+from kvmerge.registry import options_for
 
 ROUGE_TYPES = ("rouge1", "rouge2", "rougeL")
 # name -> (file under the data folder, text appended to its ``article`` prompt)
@@ -64,10 +65,14 @@ def summarize(
     seed: int = 0,
     chunk: int = 16,
     max_new_tokens: int = 64,
+    options: dict | None = None,
 ) -> list[str]:
-    """Greedy summaries of a batch of ``prompts`` (left-padded) through one fresh cache."""
+    """Greedy summaries of a batch of ``prompts`` (left-padded) through one fresh cache (``options``: the
+    method's other :func:`kvmerge.make_cache` options)."""
     batch = tokenizer(prompts, return_tensors="pt", padding=True).to(model.device)
-    cache = kvmerge.make_cache(model, method, budget=None if method == "full" else budget, seed=seed, chunk_size=chunk)
+    cache = kvmerge.make_cache(
+        model, method, None if method == "full" else budget, seed=seed, chunk_size=chunk, **(options or {})
+    )
     length = batch.input_ids.shape[1]
     out = model.generate(
         **batch,
@@ -94,6 +99,7 @@ def run_summarization(
     max_new_tokens: int = 64,
     data_dir: str | Path | None = None,
     model_name: str = "default",
+    options: dict | None = None,
 ) -> list[dict]:
     """ROUGE of every (method, budget, seed) on the first ``limit`` prompts of ``dataset`` (see :data:`DATASETS`).
 
@@ -110,8 +116,9 @@ def run_summarization(
         predictions = []
         for i in range(0, len(prompts), batch_size):
             predictions += summarize(
-                model, tokenizer, prompts[i : i + batch_size], method, budget, seed, chunk, max_new_tokens
-            )
+                model, tokenizer, prompts[i : i + batch_size], method, budget, seed, chunk, max_new_tokens,
+                options_for(method, options or {}),
+            )  # fmt: skip
         seconds = time.perf_counter() - start
         scores = [rouge(p, doc["summary_gt"]) for p, doc in zip(predictions, docs, strict=True)]
         run = {"dataset": dataset, "method": method, "budget": budget, "seed": seed}
@@ -131,6 +138,7 @@ def run_summarization(
             "chunk": chunk,
             "max_new_tokens": max_new_tokens,
             "stops": STOPS,
+            "options": options or {},
             "budget_semantics": "fraction of each prompt",
         }
         results.write_results(out_dir, "summarization", config, records, examples=examples)

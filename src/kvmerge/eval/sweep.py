@@ -10,6 +10,7 @@ from transformers import PreTrainedModel, PreTrainedTokenizerBase
 from kvmerge.eval import results
 from kvmerge.eval.data import load_text
 from kvmerge.eval.perplexity import streaming_perplexity
+from kvmerge.registry import options_for
 
 DEFAULT_BUDGETS = (0.1, 0.2, 0.3, 0.4, 0.5, 0.6, 0.7, 0.8, 0.9)
 
@@ -26,6 +27,7 @@ def run_ppl_sweep(
     out_dir: str | Path | None = None,
     data_dir: str | Path | None = None,
     model_name: str = "default",
+    options: dict | None = None,
 ) -> list[dict]:
     """Perplexity of the first ``tokens`` tokens of ``dataset`` (``wikitext2``, ``pg-essays`` or a file) per run.
 
@@ -37,8 +39,9 @@ def run_ppl_sweep(
     records = []
     for method, budget, seed in tqdm(runs, desc=f"ppl {dataset}"):
         run = streaming_perplexity(
-            model, tokenizer, text, method, budget, tokens=tokens, chunk=chunk, seed=seed, progress=False
-        )
+            model, tokenizer, text, method, budget, tokens=tokens, chunk=chunk, seed=seed, progress=False,
+            **options_for(method, options or {}),
+        )  # fmt: skip
         run["dataset"] = dataset
         records += [{**run, "budget": b} for b in budgets] if budget is None else [run]
     if out_dir is not None:
@@ -50,6 +53,7 @@ def run_ppl_sweep(
             "seeds": list(seeds),
             "tokens": tokens,
             "chunk": chunk,
+            "options": options or {},
             "budget_semantics": "fraction of the scored tokens",
         }
         results.write_results(out_dir, "ppl", config, records)
