@@ -230,7 +230,7 @@ def _cmd_train_less(args: argparse.Namespace) -> int:
         if i % max(1, len(result.losses) // 6) == 0
         for step, loss in enumerate(losses)
     ]
-    line_plot(curve, "step", "loss", "layer", directory / "loss.png", "LESS kernel training", "Adam step", "MSE")
+    line_plot(curve, "step", "loss", "layer", directory / "loss.png", "LESS kernel training", "Adam step", "MSE", True)
     first = sum(c[0] for c in result.losses) / len(result.losses)
     last = sum(c[-1] for c in result.losses) / len(result.losses)
     print(f"trained {len(result.losses)} layers in {result.seconds:.0f} s; mean loss {first:.4g} -> {last:.4g}")
