@@ -73,7 +73,8 @@ def plot_ppl_memory(results: Sequence[dict], path: Path | str, title: str = "") 
     )
     right.set_ylim(0, max(full) * 1.3)
     for axes in (left, right):
-        axes.tick_params(axis="x", labelrotation=30)
+        for label in axes.get_xticklabels():
+            label.set(rotation=40, ha="right", rotation_mode="anchor")
         axes.grid(axis="y", alpha=0.3)
     if title:
         figure.suptitle(title)
