@@ -23,12 +23,16 @@ def kvmerge_attention(
     key: torch.Tensor,
     value: torch.Tensor,
     attention_mask: torch.Tensor | None,
+    dropout: float = 0.0,
     **kwargs,
 ) -> tuple[torch.Tensor, None]:
-    """Attention of ``query`` ``[batch, q_heads, q, head_dim]`` -> ``([batch, q, q_heads, head_dim], None)``."""
+    """Attention of ``query`` ``[batch, q_heads, q, head_dim]`` -> ``([batch, q, q_heads, head_dim], None)``.
+
+    ``dropout`` sits where transformers' own attention functions have it (wrappers such as kvpress's
+    pass it by position); kvmerge's layers run at inference and ignore it."""
     layer = take_pending_layer()
     if layer is None:
-        return sdpa_attention_forward(module, query, key, value, attention_mask, **kwargs)
+        return sdpa_attention_forward(module, query, key, value, attention_mask, dropout=dropout, **kwargs)
     return layer.attend(module, query, attention_mask, **kwargs), None
 
 

@@ -49,6 +49,11 @@ class KVMergeLayer(CacheLayerMixin):
     (position within the sequence, ``-1`` for an empty slot) and ``stats`` (each
     ``[batch, kv_heads, n]``). ``seen`` counts every token the layer was given (padding included),
     which is what transformers derives positions from; ``n`` counts what is kept.
+
+    Memory: while decoding (steps of one token), a compressing layer's ``keys`` and ``values`` are
+    views of the first ``n`` entries of buffers with room for one more entry, so that appending the
+    next token writes into that room instead of reallocating the whole cache; each compression
+    gathers the kept entries into fresh buffers, again with room for one token.
     """
 
     is_sliding = False
@@ -85,6 +90,8 @@ class KVMergeLayer(CacheLayerMixin):
         # evicted_at[b, h, p]: the step (position of the newest token) after which position p left the cache
         self.evicted_at = torch.empty(batch, heads, 0, dtype=torch.long, device=self.device)
         self.since_compression = 0
+        self._buffers: tuple[torch.Tensor, torch.Tensor] | None = None  # what keys/values are views of
+        self._step_rows = 0  # rows of the last step appended
         self.is_initialized = True
 
     def update(
@@ -157,7 +164,7 @@ class KVMergeLayer(CacheLayerMixin):
             self.set_budgets(valid.sum(-1))
         if not method.selector.compresses:
             # Nothing is ever evicted, so transformers' own mask is exact: behave as DynamicCache.
-            self._append(new_keys, new_values, valid, padded=False)
+            self._append(new_keys, new_values, valid, padded)
             out, _ = sdpa_attention_forward(module, query, self.keys, self.values, attention_mask, **kwargs)
             return out
         step = length if config.schedule == "prefill" else config.chunk_size
@@ -170,7 +177,7 @@ class KVMergeLayer(CacheLayerMixin):
             outputs.append(self._attend_step(query[:, :, start:stop], valid[:, start:stop], scaling))
             if self._should_compress(first_call):
                 self.compress()
-        return torch.cat(outputs, dim=1)
+        return outputs[0] if len(outputs) == 1 else torch.cat(outputs, dim=1)
 
     def set_budgets(self, prompt_lengths: torch.Tensor) -> None:
         """Fix each sequence's budget and protected windows from its prompt length ``[batch]``."""
@@ -189,11 +196,72 @@ class KVMergeLayer(CacheLayerMixin):
         absorber = self.method.absorber
         if absorber is not None and self.compressions == 0:
             before = absorber.merge(before, (before.index >= 0) & ~protected, self.method.config)
-        valid = before.index >= 0
-        protected &= valid
-        scores = self.method.selector.scores(before, self.method.config).float()
-        scores = scores.masked_fill(protected, float("inf")).masked_fill(~valid, float("-inf"))
-        kept = min(before.index.shape[-1], self.budget_max)
+        scores = self.method.selector.scores(before, self.method.config).float().masked_fill(protected, float("inf"))
+        # Decoding puts one entry over budget: drop the lowest without ranking the rest.
+        chosen = self._drop_one(scores) if self._one_over_budget(before.index.shape[-1]) else None
+        kept_slots, slots, evicted, evicted_slots = chosen or self._rank(scores, before.index)
+        # Gather the kept entries (in position order) into fresh tensors, with room for the next step.
+        kept, room = slots.shape[-1], int(self._step_rows == 1)  # decoding: room for the next token
+        if room:
+            slots = torch.cat([slots, slots[..., -1:].expand(*slots.shape[:2], room)], dim=-1)
+        rows = _RowPicker(slots)
+        keys = rows.pick(self._gatherable(before.keys, 0))
+        values = rows.pick(self._gatherable(before.values, 1))
+        has_empty = chosen is None and bool((kept_slots < 0).any())
+        index = rows.pick(before.index)[:, :, :kept]
+        after = Entries(
+            keys=keys[:, :, :kept],
+            values=values[:, :, :kept],
+            index=torch.where(kept_slots >= 0, index, -1) if has_empty else index,
+            stats={name: rows.pick(value)[:, :, :kept] for name, value in before.stats.items()},
+            seen=before.seen,
+            layer_idx=self.layer_idx,
+        )
+        if absorber is not None:
+            eviction = Eviction(before, after, kept_slots, evicted(), self.absorber_state, evicted_slots)
+            absorber.absorb(eviction, self.method.config)
+        if self.record_evictions:
+            self._record(before.index, evicted())
+        self.keys, self.values, self.index, self.stats = after.keys, after.values, after.index, after.stats
+        self._buffers = (keys, values)
+        self.has_empty = has_empty
+        if self.key_rotation is not None:
+            self.rotated_at = rows.pick(self.rotated_at)[:, :, :kept]
+            self._shift_positions()
+        self.since_compression = 0
+        self.compressions += 1
+
+    def _one_over_budget(self, n: int) -> bool:
+        """Whether every row holds exactly its budget plus one valid entry (the decoding step)."""
+        return (
+            n == self.budget_max + 1
+            and self.budget_min == self.budget_max
+            and not self.has_empty
+            and not self.method.selector.adaptive
+            and self.compressions > 0  # an absorber's merge (first compression only) may empty slots
+        )
+
+    def _drop_one(self, scores: torch.Tensor) -> tuple | None:
+        """Drop each row's lowest entry, the newest among equal scores (what the stable ranking of
+        :meth:`_rank` drops); ``None`` when a selector scores an entry ``-inf`` (evict regardless).
+        Returns what :meth:`_rank` does, and the dropped slots ``[b, h, 1]``."""
+        lowest = scores.flip(-1).min(dim=-1)  # min returns the first lowest: in the flipped row, the newest
+        if bool(lowest.values.isneginf().any()):
+            return None
+        n = scores.shape[-1]
+        dropped = (n - 1 - lowest.indices).unsqueeze(-1)  # [b, h, 1]
+        kept = torch.arange(n - 1, device=scores.device)
+        kept_slots = kept + (kept >= dropped)  # [b, h, n - 1], in position order
+        return kept_slots, kept_slots, lambda: torch.arange(n, device=scores.device) == dropped, dropped
+
+    def _rank(self, scores: torch.Tensor, index: torch.Tensor) -> tuple:
+        """Keep each row's best ``budget`` valid entries by ``scores``: the kept slots in position order
+        ``[b, h, k]`` (``-1`` first for empty slots), the slots to gather (an empty slot takes an evicted
+        entry's, its index then says ``-1``), a function giving the evicted entries ``[b, h, n]``, and
+        ``None`` (rows may evict different counts)."""
+        valid = index >= 0
+        scores = scores.masked_fill(~valid, float("-inf"))
+        kept = min(index.shape[-1], self.budget_max)
         # Stable sort: among equal scores the older entry wins, alone or in any batch.
         ranked_scores, ranked = torch.sort(scores, dim=-1, descending=True, stable=True)
         ranked_scores, ranked = ranked_scores[..., :kept], ranked[..., :kept]
@@ -204,28 +272,21 @@ class KVMergeLayer(CacheLayerMixin):
             ranked, keep = ranked[..., :kept], keep[..., :kept]
         kept_slots, order = torch.sort(torch.where(keep, ranked, -1), dim=-1)
         slots = ranked.gather(-1, order)
-        rows = _flat_rows(slots, before.index.shape[-1])
-        after = Entries(
-            keys=_gather_entries(before.keys, rows),
-            values=_gather_entries(before.values, rows),
-            index=torch.where(kept_slots >= 0, _gather_entries(before.index, rows), -1),
-            stats={name: _gather_entries(value, rows) for name, value in before.stats.items()},
-            seen=before.seen,
-            layer_idx=self.layer_idx,
-        )
-        evicted = valid.clone()
-        evicted.scatter_(-1, slots, ~keep.gather(-1, order) & evicted.gather(-1, slots))
-        if absorber is not None:
-            absorber.absorb(Eviction(before, after, kept_slots, evicted, self.absorber_state), self.method.config)
-        if self.record_evictions:
-            self._record(before.index, evicted)
-        self.keys, self.values, self.index, self.stats = after.keys, after.values, after.index, after.stats
-        self.has_empty = bool((kept_slots < 0).any())
-        if self.key_rotation is not None:
-            self.rotated_at = _gather_entries(self.rotated_at, rows)
-            self._shift_positions()
-        self.since_compression = 0
-        self.compressions += 1
+
+        def evicted() -> torch.Tensor:
+            out = valid.clone()
+            out.scatter_(-1, slots, ~keep.gather(-1, order) & out.gather(-1, slots))
+            return out
+
+        return kept_slots, slots, evicted, None
+
+    def _gatherable(self, held: torch.Tensor, which: int) -> torch.Tensor:
+        """``held`` (keys or values, ``which`` = 0 or 1) as a contiguous tensor whose first entries per row
+        are ``held``'s: the buffer it is a view of (entries past ``held`` are never picked), else a copy."""
+        buffer = None if self._buffers is None else self._buffers[which]
+        if buffer is not None and _is_prefix_view(held, buffer):
+            return buffer
+        return held.contiguous()
 
     def _record(self, index: torch.Tensor, evicted: torch.Tensor) -> None:
         """Note in ``evicted_at`` which positions ``index`` ``[b, h, n]`` were just ``evicted``."""
@@ -274,18 +335,30 @@ class KVMergeLayer(CacheLayerMixin):
             self.has_empty = True
             keys = keys * valid.view(batch, 1, rows, 1)  # padding never carries NaN into merges
             values = values * valid.view(batch, 1, rows, 1)
-        positions = self.valid_seen.view(-1, 1) + valid.long().cumsum(-1) - 1
-        self._step_index = torch.where(valid, positions, -1)  # [batch, r]
+        if padded:
+            positions = self.valid_seen.view(-1, 1) + valid.long().cumsum(-1) - 1
+            self._step_index = torch.where(valid, positions, -1)  # [batch, r]
+        elif rows == 1:  # decoding, no padding
+            self._step_index = self.valid_seen.view(-1, 1).clone()
+        else:  # every token of the call is real
+            self._step_index = self.valid_seen.view(-1, 1) + torch.arange(rows, device=self.device)
         index = self._step_index.unsqueeze(1).expand(batch, heads, rows)
-        self.keys = torch.cat([self.keys, keys], dim=-2)
-        self.values = torch.cat([self.values, values], dim=-2)
+        if self.method.selector.compresses:
+            room = int(rows == 1)
+            self.keys, key_buffer = _extend(self.keys, keys, self._buffers and self._buffers[0], room)
+            self.values, value_buffer = _extend(self.values, values, self._buffers and self._buffers[1], room)
+            self._buffers = (key_buffer, value_buffer)
+        else:  # as DynamicCache: no room kept
+            self.keys = torch.cat([self.keys, keys], dim=-2)
+            self.values = torch.cat([self.values, values], dim=-2)
+        self._step_rows = rows
         self.index = torch.cat([self.index, index], dim=-1)
         if self.key_rotation is not None:
             self.rotated_at = torch.cat([self.rotated_at, index], dim=-1)
         for stat in self.method.statistics:
             fresh = torch.zeros(batch, heads, rows, dtype=stat.dtype, device=self.device)
             self.stats[stat.name] = torch.cat([self.stats[stat.name], fresh], dim=-1)
-        self.valid_seen += valid.sum(-1)
+        self.valid_seen += valid.sum(-1) if padded else rows
         self.seen += rows
         self.since_compression += rows
 
@@ -308,12 +381,18 @@ class KVMergeLayer(CacheLayerMixin):
         batch, q_heads, rows, dim = query.shape
         heads = self.keys.shape[1]
         group = q_heads // heads
+        if not self.method.needs_attention and mask is None:
+            # One query row that sees everything (decoding): a KV group's query heads are rows of one
+            # attention over their KV head, cheaper on CPU than SDPA's GQA.
+            grouped = query.reshape(batch, heads, group * rows, dim)
+            out = scaled_dot_product_attention(grouped, self.keys, self.values, scale=scaling)
+            return out.reshape(batch, q_heads, rows, dim).transpose(1, 2)
         if not self.method.needs_attention:
             out = scaled_dot_product_attention(
                 query,
                 self.keys,
                 self.values,
-                attn_mask=None if mask is None else mask.repeat_interleave(group, dim=1),
+                attn_mask=mask.repeat_interleave(group, dim=1),
                 scale=scaling,
                 enable_gqa=group > 1,
             )
@@ -351,7 +430,7 @@ class KVMergeLayer(CacheLayerMixin):
             seen = Observation(probs, visible, self._step_index[:, start:stop], self.valid_seen)
             for stat in self.method.statistics:
                 self.stats[stat.name] = stat.update(self.stats[stat.name], seen)
-        out = torch.cat(outputs, dim=3).reshape(batch, q_heads, rows, dim)
+        out = (outputs[0] if len(outputs) == 1 else torch.cat(outputs, dim=3)).reshape(batch, q_heads, rows, dim)
         return out.transpose(1, 2)
 
     def _should_compress(self, first_call: bool) -> bool:
@@ -371,6 +450,7 @@ class KVMergeLayer(CacheLayerMixin):
         self.keys, self.values, self.index, self.rotated_at = map(
             fn, (self.keys, self.values, self.index, self.rotated_at)
         )
+        self._buffers = None
         self.stats = {name: fn(value) for name, value in self.stats.items()}
         self.valid_seen = fn(self.valid_seen)
         self.absorber_state = {name: fn(value) for name, value in self.absorber_state.items()}
@@ -415,18 +495,48 @@ class KVMergeCache(Cache):
         return f"KVMergeCache(method={self.method.name!r}, layers={len(self.layers)}, seen={self.get_seq_length()})"
 
 
-def _flat_rows(slots: torch.Tensor, n: int) -> torch.Tensor:
-    """Row numbers of ``slots`` ``[batch, kv_heads, k]`` in a ``[batch * kv_heads * n, ...]`` flattening."""
-    batch, heads = slots.shape[:2]
-    offsets = torch.arange(0, batch * heads * n, n, device=slots.device).view(batch, heads, 1)
-    return (slots + offsets).view(-1)
+class _RowPicker:
+    """Picks the same ``slots`` ``[batch, kv_heads, k]`` out of tensors ``[batch, kv_heads, n, ...]`` (any n
+    >= the slots), one ``index_select`` of flat rows each; the row numbers are computed once per n."""
+
+    def __init__(self, slots: torch.Tensor):
+        self.slots = slots
+        self._rows: dict[int, torch.Tensor] = {}
+
+    def pick(self, tensor: torch.Tensor) -> torch.Tensor:
+        batch, heads, n = tensor.shape[:3]
+        if n not in self._rows:
+            offsets = torch.arange(0, batch * heads * n, n, device=self.slots.device).view(batch, heads, 1)
+            self._rows[n] = (self.slots + offsets).view(-1)
+        picked = tensor.reshape(batch * heads * n, *tensor.shape[3:]).index_select(0, self._rows[n])
+        return picked.view(batch, heads, -1, *tensor.shape[3:])
 
 
-def _gather_entries(tensor: torch.Tensor, rows: torch.Tensor) -> torch.Tensor:
-    """Pick flat ``rows`` (see :func:`_flat_rows`) of ``[batch, kv_heads, n, ...]`` -> ``[batch, kv_heads, k, ...]``."""
-    batch, heads, n = tensor.shape[:3]
-    picked = tensor.reshape(batch * heads * n, *tensor.shape[3:]).index_select(0, rows)
-    return picked.view(batch, heads, -1, *tensor.shape[3:])
+def _is_prefix_view(held: torch.Tensor, buffer: torch.Tensor) -> bool:
+    """Whether ``held`` is ``buffer[:, :, :n]`` for some ``n``."""
+    return (
+        held.data_ptr() == buffer.data_ptr()
+        and held.stride() == buffer.stride()
+        and held.shape[:2] == buffer.shape[:2]
+        and held.shape[3:] == buffer.shape[3:]
+        and held.shape[2] <= buffer.shape[2]
+    )
+
+
+def _extend(
+    held: torch.Tensor, new: torch.Tensor, buffer: torch.Tensor | None, room: int
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """``held`` ``[batch, kv_heads, n, ...]`` followed by ``new`` ``[batch, kv_heads, r, ...]`` along the
+    entries, and the buffer the result is a view of. Written into ``buffer``'s room when ``held`` is a
+    view of its first entries and the room suffices; otherwise a new buffer, with ``room`` entries to spare."""
+    n, r = held.shape[2], new.shape[2]
+    if buffer is not None and buffer.shape[2] >= n + r and _is_prefix_view(held, buffer):
+        buffer[:, :, n : n + r] = new
+        return buffer[:, :, : n + r], buffer
+    buffer = new.new_empty(*held.shape[:2], n + r + room, *held.shape[3:])
+    buffer[:, :, :n] = held
+    buffer[:, :, n : n + r] = new
+    return buffer[:, :, : n + r], buffer
 
 
 def _new_token_validity(

@@ -258,6 +258,7 @@ def _cmd_calibrate(args: argparse.Namespace) -> int:
 
 def build_parser() -> argparse.ArgumentParser:
     """The ``kvmerge`` argument parser."""
+    from kvmerge.eval.bench import add_bench_command
     from kvmerge.eval.commands import add_eval_commands
     from kvmerge.eval.data import SOURCES
     from kvmerge.eval.demo import DEMO_METHODS
@@ -358,6 +359,7 @@ def build_parser() -> argparse.ArgumentParser:
     sub.set_defaults(func=_cmd_calibrate)
 
     add_eval_commands(commands)
+    add_bench_command(commands)
     return parser
 
 

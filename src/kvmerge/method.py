@@ -59,6 +59,9 @@ class Eviction:
         ``[batch, kv_heads, n]`` bool, the valid entries of ``before`` that were evicted.
     state:
         The absorber's own per-layer tensors (empty at first), updated in place.
+    evicted_slots:
+        ``[batch, kv_heads, e]`` int64 slots in ``before`` of the evicted entries in position order,
+        when every row evicted the same number ``e`` (decoding: one); else ``None``.
     """
 
     before: Entries
@@ -66,6 +69,7 @@ class Eviction:
     kept_slots: torch.Tensor
     evicted: torch.Tensor
     state: dict[str, torch.Tensor] = field(default_factory=dict)
+    evicted_slots: torch.Tensor | None = None
 
 
 class Selector(ABC):

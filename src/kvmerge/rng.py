@@ -6,6 +6,8 @@ always gives the same result, on any device, without generator state to carry ar
 
 from __future__ import annotations
 
+import functools
+
 import torch
 
 _MASK32 = 0xFFFFFFFF
@@ -23,9 +25,27 @@ def hashed_uniform(
 ) -> torch.Tensor:
     """Uniform floats in [0, 1), one per element of the broadcast of ``heads``, ``positions`` (and ``step``,
     for draws that must change over time)."""
-    base = _mix(_mix(seed & _MASK32) ^ (layer_idx & _MASK32))
-    x = _mix(heads.long() ^ base)
-    x = _mix(x ^ (positions.long() & _MASK32))
+    return uniform_at(_mix(heads.long() ^ _layer_key(seed, layer_idx)), positions, step)
+
+
+def head_keys(seed: int, layer_idx: int, heads: int, device: torch.device | str = "cpu") -> torch.Tensor:
+    """``[1, heads, 1]``: the part of :func:`hashed_uniform`'s hash fixed by (seed, layer, KV head), for
+    :func:`uniform_at`; cached (never modify it in place)."""
+    return _head_keys(seed, layer_idx, heads, torch.device(device))
+
+
+@functools.lru_cache(maxsize=4096)
+def _head_keys(seed: int, layer_idx: int, heads: int, device: torch.device) -> torch.Tensor:
+    return _mix(torch.arange(heads, device=device).view(1, -1, 1) ^ _layer_key(seed, layer_idx))
+
+
+def uniform_at(keys: torch.Tensor, positions: torch.Tensor, step: torch.Tensor | None = None) -> torch.Tensor:
+    """:func:`hashed_uniform` from its (seed, layer, head) part ``keys`` (see :func:`head_keys`)."""
+    x = _mix(keys ^ (positions.long() & _MASK32))
     if step is not None:
         x = _mix(x ^ (step.long() & _MASK32))
     return x.double().div(2.0**32).float()
+
+
+def _layer_key(seed: int, layer_idx: int) -> int:
+    return _mix(_mix(seed & _MASK32) ^ (layer_idx & _MASK32))

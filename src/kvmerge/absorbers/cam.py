@@ -13,7 +13,7 @@ import torch
 
 from kvmerge.config import CompressionConfig
 from kvmerge.method import Absorber, Eviction
-from kvmerge.rng import hashed_uniform
+from kvmerge.rng import head_keys, uniform_at
 from kvmerge.stats import AccumulatedAttention, Statistic
 
 
@@ -34,13 +34,16 @@ class CaM(Absorber):
     def absorb(self, eviction: Eviction, config: CompressionConfig) -> None:
         before, after, m = eviction.before, eviction.after, config.merge_window
         stat = AccumulatedAttention.name
-        # Evicted slots per row, first the evicted ones in position order: [b, h, e].
-        order = torch.sort(eviction.evicted.to(torch.int8), dim=-1, descending=True, stable=True).indices
-        count = int(eviction.evicted.sum(dim=-1).max())
-        if count == 0:
-            return
-        slots = order[..., :count]
-        is_evicted = eviction.evicted.gather(-1, slots)
+        # Evicted slots per row in position order (padded with slots that were not evicted): [b, h, e].
+        slots, is_evicted = eviction.evicted_slots, None
+        if slots is None:
+            count = int(eviction.evicted.sum(dim=-1).max())
+            if count == 0:
+                return
+            n = eviction.evicted.shape[-1]
+            earlier_first = torch.arange(n, 0, -1, device=eviction.evicted.device)  # larger for a lower slot
+            slots = torch.topk(eviction.evicted * earlier_first, count, dim=-1).indices
+            is_evicted = eviction.evicted.gather(-1, slots)
         # First kept entry after each evicted one; its m successors are the neighbours: [b, h, e, m].
         start = torch.searchsorted(eviction.kept_slots, slots.contiguous(), right=True)
         k = eviction.kept_slots.shape[-1]
@@ -51,12 +54,14 @@ class CaM(Absorber):
         neighbour_attention = kept_attention.gather(-1, neighbours) * has_neighbour
         neighbour_mean = neighbour_attention.sum(-1) / has_neighbour.sum(-1).clamp(min=1)
         p = merge_probability(before.stats[stat].gather(-1, slots), neighbour_mean)
-        heads = torch.arange(slots.shape[1], device=slots.device).view(1, -1, 1)
-        draw = hashed_uniform(config.seed, before.layer_idx, heads, before.index.gather(-1, slots))
-        gate = is_evicted & (draw < p) & has_neighbour.any(-1)  # [b, h, e]
+        heads = head_keys(config.seed, before.layer_idx, slots.shape[1], slots.device)
+        draw = uniform_at(heads, before.index.gather(-1, slots))
+        gate = (draw < p) & has_neighbour.any(-1)  # [b, h, e]
+        if is_evicted is not None:
+            gate &= is_evicted
         d = before.values.shape[-1]
         evicted_values = before.values.gather(2, slots.unsqueeze(-1).expand(-1, -1, -1, d))
-        contribution = torch.where(gate.unsqueeze(-1), evicted_values / m, torch.zeros_like(evicted_values))
+        contribution = torch.where(gate.unsqueeze(-1), evicted_values / m, 0.0)
         contribution = contribution.unsqueeze(3).expand(-1, -1, -1, m, -1) * has_neighbour.unsqueeze(-1)
         after.values.scatter_add_(
             2, neighbours.flatten(2, 3).unsqueeze(-1).expand(-1, -1, -1, d), contribution.flatten(2, 3)

@@ -1,220 +1,1251 @@
-"""Speed and memory against the full cache, every figure measured in the same run.
+"""``kvmerge bench``: speed and memory against the full cache (and kvpress), all measured in one run.
 
-Each (method, context, batch) point runs in a fresh subprocess so that its peak RSS is its own:
-prefill the context (the ``step`` schedule in chunks), then decode ``steps`` tokens one at a
-time; report decode ms/token (median), prefill seconds, exact KV bytes held, the statistics
-kept beside them and peak RSS. The full cache is run at every context *and* at every budget,
-so the report can give both the throughput ratio (method at L vs full at L) and the
-compression overhead (method at L vs full at its budget B).
+What one run measures (every figure lands in ``results.json``; ``results.md`` and PNG plots are
+rendered from it):
+
+- **Points**: for each context L and batch b, one fresh process loads the model and, for the full
+  cache (``DynamicCache``) at L, the full cache at the budget B, and each method at L, prefills L
+  tokens in forward calls of ``chunk`` tokens (the ``step`` schedule: a compressing cache evicts
+  after every call, so it never holds more than budget + chunk entries), recording the prefill
+  seconds, the peak RSS growth of the prefill (the kernel's high-water mark, reset before it) and
+  the RSS the cache holds afterwards. Then it decodes ``steps`` tokens round-robin, one step of
+  each point in turn, so that all of them see the same machine load. Recorded: decode ms/token
+  (median), the KV bytes held (keys and values of the kept entries), the bytes allocated for
+  them, the bytes of positions and statistics kept beside them. Full at L gives the decode
+  speed-up; full at B the compression overhead.
+- **Stream**: one cache of ``stream_budget`` entries scores a long text in segments; ms/token,
+  RSS and KV bytes per segment must stay flat.
+- **kvpress** (optional, when the ``kvpress`` package can be imported): the same model, text and
+  kept budget through kvpress's presses and kvmerge's methods, perplexity of a continuation and
+  time side by side.
+
+Each (context, batch) group runs in its own subprocess (``isolate=True``); every ratio is taken
+between points of the same group, measured side by side.
 """
 
 from __future__ import annotations
 
+import argparse
+import contextlib
+import gc
+import importlib.metadata
+import importlib.util
+import itertools
 import json
 import math
 import os
-import resource
 import statistics
 import subprocess
 import sys
 import time
-from dataclasses import asdict, dataclass
+from collections.abc import Callable
+from dataclasses import asdict, dataclass, field
 from pathlib import Path
 
 import torch
-from tqdm.auto import tqdm
-from transformers import DynamicCache
 
-import kvmerge
-from kvmerge.eval.data import load_text
-from kvmerge.eval.results import line_plot, markdown_table, write_results
+# Targets of issue 5 (ratios measured in one run): name -> (threshold, comparison).
+OVERHEAD_LIMIT = 1.10  # decode ms/token at any stream length <= 1.10 x full at context B
+CAM_TIME_LIMIT = 0.05  # CaM on top of its selector: <= 5% extra decode time
+CAM_MEMORY_LIMIT = 0.01  # ... and < 1% extra memory
+STATS_LIMIT = 0.05  # statistics kept beside the entries < 5% of the KV bytes
+SPEEDUP_TARGET = 1.5  # decode throughput at 8k context and a 20% budget >= 1.5 x full
+SPEEDUP_CONTEXT = 8192
+FLAT_LIMIT = 1.10  # stream: last segment within 10% of the first full-cache segment (ms/token and RSS)
+TEXT = "pg-essays"
+SEQUENCE_OFFSET = 997  # sequence b of a batch starts b * 997 tokens into the text
 
 
 @dataclass(frozen=True)
 class Point:
-    """One measurement's settings."""
+    """One (method, context, batch) measurement.
+
+    ``budget`` is entries kept per KV head (``None`` for ``full``); ``for_context`` marks a full
+    cache measured at the budget of that context (the reference of the overhead target).
+    """
 
     method: str
     context: int
     batch: int
-    budget: int | None
+    budget: int | None = None
     steps: int = 32
     chunk: int = 256
     model: str = "default"
+    threads: int = 1
+    profile: bool = False
+    for_context: int | None = None
 
 
-def measure(point: Point) -> dict:
-    """Run one point in this process; return its figures."""
-    torch.manual_seed(0)
-    model, tokenizer = kvmerge.load_model(point.model)
-    text = load_text("pg-essays")
+@dataclass(frozen=True)
+class BenchConfig:
+    """Everything one ``kvmerge bench`` run measures."""
+
+    methods: tuple[str, ...] = ("streaming", "streaming+cam", "h2o", "h2o+cam", "tova")
+    contexts: tuple[int, ...] = (512, 2048, 8192)
+    batches: tuple[int, ...] = (1, 8)
+    budget: float | int = 0.2
+    steps: int = 32
+    chunk: int = 256
+    model: str = "default"
+    threads: int = 1
+    profile: bool = False
+    stream_tokens: int = 0
+    stream_budget: int = 1024
+    stream_chunk: int = 32
+    stream_segment: int = 1024
+    stream_method: str = "streaming"
+    compare_kvpress: bool = False
+    points_grid: bool = True  # False: only the stream and/or the kvpress comparison
+    kvpress_context: int = 1024
+    kvpress_tokens: int = 64
+    extra: dict = field(default_factory=dict)
+
+    def budget_for(self, context: int) -> int:
+        """Entries per head kept at ``context``: a float budget is a fraction of it, an int is fixed."""
+        if isinstance(self.budget, float):
+            return max(1, math.ceil(self.budget * context))
+        return self.budget
+
+    def groups(self) -> list[list[Point]]:
+        """The points of one batch size and context (full at L, full at B, the methods): each group is
+        measured in one process, its decoding steps timed round-robin."""
+        groups: dict[tuple[int, int], list[Point]] = {}
+        for point in self.points():
+            groups.setdefault((point.batch, point.for_context or point.context), []).append(point)
+        return list(groups.values())
+
+    def points(self) -> list[Point]:
+        """Every point, grouped by batch then context: full at L, full at B, then each method at L."""
+        if not self.points_grid:
+            return []
+        common = {"steps": self.steps, "chunk": self.chunk, "model": self.model, "threads": self.threads}
+        out = []
+        for batch in self.batches:
+            for context in self.contexts:
+                kept = self.budget_for(context)
+                out.append(Point("full", context, batch, None, profile=self.profile, **common))
+                out.append(Point("full", kept, batch, None, for_context=context, **common))
+                for method in self.methods:
+                    out.append(Point(method, context, batch, kept, profile=self.profile, **common))
+        return out
+
+
+# -- measurements (each runs in the process that calls it) ----------------------------------------
+
+_MODELS: dict[str, tuple] = {}
+
+
+def _model(name: str):
+    """The model and tokenizer ``name``, loaded once per process (attention reset to SDPA)."""
+    import kvmerge
+
+    if name not in _MODELS:
+        _MODELS[name] = kvmerge.load_model(name)
+    model, tokenizer = _MODELS[name]
+    if model.config._attn_implementation != "sdpa":
+        model.set_attn_implementation("sdpa")
+    return model, tokenizer
+
+
+def text_ids(tokenizer, tokens: int) -> torch.Tensor:
+    """The first ``tokens`` token ids of the Paul Graham essays (repeated if the text is shorter)."""
+    from kvmerge.eval.data import load_text
+
+    text = load_text(TEXT)[: 8 * tokens + 1000]  # >= 2 tokens per 8 characters: enough, and fast to tokenize
     ids = tokenizer(text, return_tensors="pt").input_ids[0]
-    repeats = math.ceil((point.context + point.batch * 997) / ids.numel())
-    ids = ids.repeat(repeats)
-    prompt = torch.stack([ids[b * 997 : b * 997 + point.context] for b in range(point.batch)])
-    if point.method == "full":
-        cache = DynamicCache(config=model.config)
-    else:
-        cache = kvmerge.make_cache(model, point.method, point.budget, chunk_size=point.chunk)
-    with torch.inference_mode():
-        started = time.perf_counter()
-        logits = model(prompt, past_key_values=cache, logits_to_keep=1).logits
-        prefill = time.perf_counter() - started
-        rss_prefill = _rss()
-        timings = []
-        for _ in range(point.steps):
-            token = logits[:, -1].argmax(-1, keepdim=True)
-            started = time.perf_counter()
-            logits = model(token, past_key_values=cache).logits
-            timings.append(time.perf_counter() - started)
-    kv = sum(layer.keys.numel() * layer.keys.element_size() * 2 for layer in cache.layers)
-    return asdict(point) | {
-        "prefill_seconds": prefill,
-        "decode_ms": 1000 * statistics.median(timings),
-        "kv_bytes": kv,
+    return ids.repeat(math.ceil(tokens / ids.numel()))[:tokens]
+
+
+def bench_prompt(tokenizer, context: int, batch: int) -> torch.Tensor:
+    """``[batch, context]`` token ids: sequence b starts ``b * 997`` tokens into the essays."""
+    ids = text_ids(tokenizer, context + (batch - 1) * SEQUENCE_OFFSET)
+    return torch.stack([ids[b * SEQUENCE_OFFSET : b * SEQUENCE_OFFSET + context] for b in range(batch)])
+
+
+def method_options(method: str, chunk: int) -> dict:
+    """``make_cache`` options of a benchmarked method: the ``step`` schedule in steps of ``chunk``
+    tokens, or the ``prefill`` schedule for the parts that only work there (SnapKV, KVMerger)."""
+    from kvmerge.registry import ABSORBERS, SELECTORS
+
+    selector, _, absorber = method.partition("+")
+    if any(part and part.schedule == "prefill" for part in (SELECTORS.get(selector), ABSORBERS.get(absorber))):
+        return {"schedule": "prefill"}
+    return {"chunk_size": chunk}
+
+
+def _make_cache(model, method: str, budget: int | None, options: dict):
+    """``DynamicCache`` for ``full``, else a kvmerge cache with ``options``."""
+    from transformers import DynamicCache
+
+    import kvmerge
+
+    if method == "full":
+        return DynamicCache(config=model.config)
+    return kvmerge.make_cache(model, method, budget, **options)
+
+
+def kv_accounting(cache, model) -> dict:
+    """Bytes of the keys and values a cache holds, against kept entries x bytes per entry.
+
+    ``kv_bytes``: what the cache reports (``kv_bytes()``; for ``DynamicCache`` the same sum of its
+    tensors). ``kept_per_head``: entries per sequence and KV head in the first layer.
+    ``bytes_per_token``: one token's keys and values over every layer and KV head, from the model's
+    config. ``kv_bytes_allocated``: the bytes of the storages behind the key/value tensors (room
+    reserved for the next step included).
+    """
+    config = model.config.get_text_config(decoder=True)
+    layers = [layer for layer in cache.layers if getattr(layer, "keys", None) is not None and layer.keys.numel()]
+    first = layers[0]
+    batch, kv_heads, kept, dim = first.keys.shape
+    element = first.keys.element_size() + first.values.element_size()
+    held = sum(
+        layer.keys.numel() * layer.keys.element_size() + layer.values.numel() * layer.values.element_size()
+        for layer in layers
+    )
+    storages = {}
+    for layer in layers:
+        for tensor in (layer.keys, layer.values):
+            storage = tensor.untyped_storage()
+            storages[storage.data_ptr()] = storage.nbytes()
+    reported = cache.kv_bytes() if hasattr(cache, "kv_bytes") else held
+    per_token = config.num_hidden_layers * kv_heads * dim * element
+    return {
+        "kv_bytes": reported,
+        "kv_bytes_tensors": held,
+        "kv_bytes_allocated": sum(storages.values()),
+        "kept_per_head": kept,
+        "bytes_per_token": per_token,
+        "kv_bytes_expected": batch * kept * per_token,
         "stats_bytes": cache.stats_bytes() if hasattr(cache, "stats_bytes") else 0,
-        "rss_after_prefill": rss_prefill,
-        "peak_rss": resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024,
     }
 
 
-def measure_stream(model_name: str, tokens: int, budget: int, method: str, segment: int, chunk: int) -> list[dict]:
-    """Score ``tokens`` tokens of text through one cache of ``budget`` entries; RSS and ms/token per segment."""
-    model, tokenizer = kvmerge.load_model(model_name)
-    ids = tokenizer(load_text("pg-essays"), return_tensors="pt").input_ids[0]
-    ids = ids.repeat(math.ceil(tokens / ids.numel()))[:tokens].view(1, -1)
-    cache = kvmerge.make_cache(model, method, budget, chunk_size=chunk)
-    rows = []
+def measure_group(points: list[Point], report: Callable[[dict], None] | None = None) -> list[dict]:
+    """Measure points that share a batch size and step count, in this process; one record each.
+
+    Each point's cache is prefilled in turn (prefill seconds; the peak RSS above what the process held
+    before, with every earlier cache alive; the RSS the cache still holds afterwards). Then decoding is
+    timed round-robin, one step of each point in turn, so that every point sees the same machine load
+    and the ratios between them stay meaningful on a busy machine. ``report`` is told of each point
+    once its prefill is done.
+    """
+    first = points[0]
+    torch.set_num_threads(first.threads)
+    torch.manual_seed(0)
+    model, tokenizer = _model(first.model)
+    caches, tokens, records = [], [], []
     with torch.inference_mode():
-        for start in tqdm(range(0, tokens, segment), desc=f"stream {method}", file=sys.stderr):
+        _warm_up(model, tokenizer, points)
+        for point in points:
+            prompt = bench_prompt(tokenizer, point.context, point.batch)
+            cache = _make_cache(model, point.method, point.budget, method_options(point.method, point.chunk))
+            baseline = _release_memory()
+            started = time.perf_counter()
+            for start in range(0, point.context, point.chunk):
+                logits = model(prompt[:, start : start + point.chunk], past_key_values=cache, logits_to_keep=1).logits
+            prefill_seconds = time.perf_counter() - started
+            peak = _peak_rss()
+            del prompt
+            held = _release_memory() - baseline
+            caches.append(cache)
+            tokens.append(logits[:, -1:].argmax(-1))
+            records.append(asdict(point) | {
+                "label": "full@budget" if point.for_context else point.method,
+                "column": point.for_context or point.context,
+                "prefill_seconds": prefill_seconds,
+                "rss_baseline": baseline,
+                "prefill_peak_rss": peak,
+                "prefill_rss_growth": peak - baseline,
+                "rss_held": held,
+            })  # fmt: skip
+            if report:
+                report({"prefilled": point.method})
+        timings: list[list[float]] = [[] for _ in points]
+        for _ in range(first.steps):
+            for i, cache in enumerate(caches):
+                started = time.perf_counter()
+                logits = model(tokens[i], past_key_values=cache).logits
+                timings[i].append(time.perf_counter() - started)
+                tokens[i] = logits[:, -1:].argmax(-1)
+        for point, cache, token, record, times in zip(points, caches, tokens, records, timings, strict=True):
+            record |= kv_accounting(cache, model) | {
+                "decode_ms": 1000 * statistics.median(times),
+                "decode_ms_mean": 1000 * statistics.fmean(times),
+                "decode_ms_min": 1000 * min(times),
+                "tokens_per_second": point.batch / statistics.median(times),
+                "group_peak_rss": _peak_rss(),  # since the last prefill began, all the group's caches alive
+            }
+            if point.profile:
+                record["profile"] = profile_decode(model, cache, token)
+    return records
+
+
+def _warm_up(model, tokenizer, points: list[Point]) -> None:
+    """Run each kind of cache of ``points`` once on a short prompt, so that no point pays for the
+    process's first calls (allocator growth, lazy initialisation)."""
+    batch, chunk = points[0].batch, min(points[0].chunk, 32)
+    prompt = bench_prompt(tokenizer, 2 * chunk, batch)
+    for method in dict.fromkeys(point.method for point in points):
+        cache = _make_cache(model, method, chunk // 2, method_options(method, chunk))
+        for start in range(0, prompt.shape[1], chunk):
+            logits = model(prompt[:, start : start + chunk], past_key_values=cache, logits_to_keep=1).logits
+        for _ in range(2):
+            logits = model(logits[:, -1:].argmax(-1), past_key_values=cache).logits
+
+
+def profile_decode(model, cache, token: torch.Tensor, steps: int = 4) -> dict:
+    """Where a decoding step's time goes: torch ops by self time, and kvmerge's Python functions by
+    cumulative time (ms per step)."""
+    import cProfile
+    import pstats
+
+    from torch.profiler import ProfilerActivity, profile
+
+    with profile(activities=[ProfilerActivity.CPU]) as prof:
+        for _ in range(steps):
+            model(token, past_key_values=cache)
+    ops = sorted(prof.key_averages(), key=lambda e: -e.self_cpu_time_total)[:12]
+    python = cProfile.Profile()
+    python.enable()
+    for _ in range(steps):
+        model(token, past_key_values=cache)
+    python.disable()
+    functions = []
+    for (filename, _line, name), row in pstats.Stats(python).stats.items():  # type: ignore[attr-defined]
+        calls, cumulative = row[1], row[3]
+        if "/kvmerge/" in filename or filename.endswith(("cache_utils.py", "sdpa_attention.py")):
+            functions.append(
+                {
+                    "function": f"{Path(filename).name}:{name}",
+                    "ms_per_step": 1000 * cumulative / steps,
+                    "calls_per_step": calls / steps,
+                }
+            )
+    linear = sum(row[3] for (_f, _l, name), row in pstats.Stats(python).stats.items() if "_nn.linear" in name)  # type: ignore[attr-defined]
+    functions.sort(key=lambda f: -f["ms_per_step"])
+    return {
+        "ops": [
+            {"op": e.key, "ms_per_step": e.self_cpu_time_total / 1000 / steps, "calls_per_step": e.count / steps}
+            for e in ops
+        ],
+        "python": functions[:12],
+        "linear_ms_per_step": 1000 * linear / steps,
+    }
+
+
+def measure_stream(
+    model_name: str,
+    method: str,
+    tokens: int,
+    budget: int,
+    segment: int,
+    chunk: int,
+    threads: int = 1,
+    report: Callable[[dict], None] | None = None,
+) -> list[dict]:
+    """Score ``tokens`` tokens of text through one cache of ``budget`` entries per head, in forward
+    calls of ``segment`` tokens compressed in steps of ``chunk``; one row per segment (ms/token, RSS,
+    KV bytes, mean NLL of the segment's next tokens). ``report`` is called with each row."""
+    torch.set_num_threads(threads)
+    model, tokenizer = _model(model_name)
+    ids = text_ids(tokenizer, tokens + 1).view(1, -1)
+    cache = _make_cache(model, method, budget, method_options(method, chunk))
+    rows = []
+    gc.collect()
+    with torch.inference_mode():
+        for start in range(0, tokens, segment):
+            stop = min(start + segment, tokens)
             began = time.perf_counter()
-            model(ids[:, start : start + segment], past_key_values=cache, logits_to_keep=1)
+            logits = model(ids[:, start:stop], past_key_values=cache).logits
             elapsed = time.perf_counter() - began
+            nll = torch.nn.functional.cross_entropy(logits[0].float(), ids[0, start + 1 : stop + 1])
             rows.append(
                 {
                     "method": method,
-                    "tokens_seen": start + segment,
-                    "ms_per_token": 1000 * elapsed / segment,
+                    "budget": budget,
+                    "chunk": chunk,
+                    "tokens_seen": stop,
+                    "ms_per_token": 1000 * elapsed / (stop - start),
                     "rss": _rss(),
                     "kv_bytes": cache.kv_bytes(),
+                    "stats_bytes": cache.stats_bytes(),
+                    "nll": float(nll),
                 }
             )
+            del logits
+            if report:
+                report(rows[-1])
     return rows
 
 
-def run_bench(
-    methods: list[str],
-    contexts: list[int],
-    batches: list[int],
-    budget: float,
-    out_dir: Path,
-    steps: int = 32,
-    chunk: int = 256,
-    model: str = "default",
-    stream_tokens: int = 0,
-    stream_budget: int = 1024,
-) -> Path:
-    """Measure every (method, context, batch) point in its own subprocess; write results, tables and plots."""
-    points = []
-    for context in contexts:
-        kept = math.ceil(budget * context)
-        for batch in batches:
-            points.append(Point("full", kept, batch, None, steps, chunk, model))
-            points += [
-                Point(m, context, batch, None if m == "full" else kept, steps, chunk, model)
-                for m in ["full", *[m for m in methods if m != "full"]]
-            ]
-    records = [_in_subprocess(point) for point in tqdm(points, desc="bench", file=sys.stderr)]
+# kvpress comparison: name -> (kvmerge method, kvmerge options, kvpress press factory(compression_ratio, kept))
+def _kvpress_pairs() -> dict[str, tuple[str, dict, Callable]]:
+    import kvpress
+
+    return {
+        "streaming": (
+            "streaming",
+            {"schedule": "prefill"},
+            lambda ratio, kept: kvpress.StreamingLLMPress(compression_ratio=ratio, n_sink=4),
+        ),
+        "tova": ("tova", {"schedule": "prefill"}, lambda ratio, kept: kvpress.TOVAPress(compression_ratio=ratio)),
+        "snapkv": (
+            "snapkv",
+            {"schedule": "prefill", "window": 32, "kernel": 5},
+            lambda ratio, kept: kvpress.SnapKVPress(compression_ratio=ratio, window_size=32, kernel_size=5),
+        ),
+        "cam": (
+            "streaming+cam",
+            {"schedule": "prefill", "decode_interval": 1, "merge_window": 16},
+            lambda ratio, kept: kvpress.CAMPress(
+                base_press=kvpress.StreamingLLMPress(),
+                compression_interval=1,
+                target_size=kept,
+                merge_budget=16,
+                hidden_states_buffer_size=0,
+            ),
+        ),
+    }
+
+
+def kvpress_version() -> str | None:
+    """The installed kvpress version, or ``None`` when it cannot be imported."""
+    if importlib.util.find_spec("kvpress") is None:
+        return None
+    try:
+        return importlib.metadata.version("kvpress")
+    except importlib.metadata.PackageNotFoundError:
+        return "unknown"
+
+
+def compare_kvpress(
+    model_name: str, context: int, budget: int, tokens: int, threads: int = 1, presses: tuple[str, ...] | None = None
+) -> list[dict]:
+    """The presses kvpress and kvmerge share, on the same model, text and kept budget.
+
+    The first ``context`` tokens of the essays are the prompt; ``budget`` entries per KV head are kept
+    (kvpress: ``compression_ratio`` chosen so that it keeps exactly ``budget``); then the next
+    ``tokens`` tokens are fed one at a time (teacher forcing, true positions) and scored. Both sides
+    compress once after the prompt (kvmerge's ``prefill`` schedule, kvpress's prefill presses); CaM
+    compresses after every new token on both sides (kvpress's ``CAMPress`` with
+    ``compression_interval=1`` over ``StreamingLLMPress``; kvmerge's ``streaming+cam`` with
+    ``decode_interval=1``). The full cache is the reference.
+    """
+    import kvpress  # noqa: F401  (a clear ImportError before any work)
+
+    torch.set_num_threads(threads)
+    model, tokenizer = _model(model_name)
+    ids = text_ids(tokenizer, context + tokens + 1).view(1, -1)
+    ratio = 1 - (budget + 0.5) / context  # kvpress keeps int(context * (1 - ratio)) = budget
+    pairs = _kvpress_pairs()
+    runs: list[tuple[str, str, Callable]] = [("full", "full", lambda: _run_scored(model, ids, context, None, None))]
+    for name in presses or tuple(pairs):
+        method, options, factory = pairs[name]
+        runs.append(
+            (
+                "kvmerge",
+                name,
+                lambda m=method, o=options: _run_scored(model, ids, context, _make_cache(model, m, budget, o), None),
+            )
+        )
+        runs.append(("kvpress", name, lambda f=factory: _run_scored(model, ids, context, None, f(ratio, budget))))
+    records = []
+    for library, name, run in runs:
+        torch.manual_seed(0)
+        records.append(
+            {"library": library, "press": name, "context": context, "budget": budget, "tokens": tokens, **run()}
+        )
+    return records
+
+
+@contextlib.contextmanager
+def _cache_position_kwarg(model):
+    """Pass ``cache_position`` to every attention layer, as transformers < 5.3 did and kvpress 0.5 reads
+    (its hooks test ``cache_position[-1] + 1 == q_len`` to tell prefill from decoding): the cache's
+    length before the call plus ``arange(q_len)``."""
+
+    def add(module, args, kwargs):
+        if "cache_position" not in kwargs:
+            cache, length = kwargs.get("past_key_values"), kwargs["hidden_states"].shape[1]
+            past = cache.get_seq_length(module.layer_idx) if cache is not None else 0
+            kwargs["cache_position"] = torch.arange(past, past + length, device=kwargs["hidden_states"].device)
+        return args, kwargs
+
+    hooks = [layer.self_attn.register_forward_pre_hook(add, with_kwargs=True) for layer in model.model.layers]
+    try:
+        yield
+    finally:
+        for hook in hooks:
+            hook.remove()
+
+
+def _is_decoding_press(press) -> bool:
+    """Whether a kvpress press compresses while decoding (``DecodingPress`` and its subclasses, CaM's)."""
+    import kvpress
+
+    return isinstance(press, kvpress.DecodingPress)
+
+
+def _run_scored(model, ids: torch.Tensor, context: int, cache, press) -> dict:
+    """Prefill ``ids[:, :context]`` (through ``press`` if given), then score the rest token by token."""
+    from transformers import DynamicCache
+
+    import kvmerge
+
+    if cache is None:
+        model.set_attn_implementation("sdpa")
+        cache = DynamicCache(config=model.config)
+    decoding_press = press is not None and _is_decoding_press(press)
+    prefill_press = press(model) if press is not None and not decoding_press else contextlib.nullcontext()
+    decode_press = press(model) if decoding_press else contextlib.nullcontext()
+    nll, timings = [], []
+    with torch.inference_mode(), _cache_position_kwarg(model) if press is not None else contextlib.nullcontext():
+        started = time.perf_counter()
+        with prefill_press:
+            logits = model(ids[:, :context], past_key_values=cache, logits_to_keep=1).logits
+        prefill = time.perf_counter() - started
+        with decode_press:
+            for t in range(context, ids.shape[1] - 1):
+                nll.append(float(torch.nn.functional.cross_entropy(logits[:, -1].float(), ids[:, t])))
+                started = time.perf_counter()
+                position = None if isinstance(cache, kvmerge.KVMergeCache) else torch.tensor([[t]])
+                logits = model(ids[:, t : t + 1], past_key_values=cache, position_ids=position).logits
+                timings.append(time.perf_counter() - started)
+    nll.append(float(torch.nn.functional.cross_entropy(logits[:, -1].float(), ids[:, -1])))
+    kept = cache.layers[0].keys.shape[-2]
+    held = sum(layer.keys.numel() * layer.keys.element_size() * 2 for layer in cache.layers)
+    return {
+        "ppl": math.exp(statistics.fmean(nll)),
+        "nll": statistics.fmean(nll),
+        "prefill_seconds": prefill,
+        "decode_ms": 1000 * statistics.median(timings),
+        "kept_per_head": kept,
+        "kv_bytes": held,
+    }
+
+
+# -- running a benchmark ---------------------------------------------------------------------------
+
+
+def run_bench(config: BenchConfig, out_dir: str | Path, *, isolate: bool = True, progress: bool = True) -> Path:
+    """Measure every group of points (each in its own subprocess when ``isolate``), the stream and the
+    kvpress comparison; write ``results.json``, ``results.md`` and the plots into ``out_dir``."""
+    from tqdm.auto import tqdm
+
+    from kvmerge.eval.results import write_results
+
+    run = _in_subprocess if isolate else _in_process
+    records = []
+    with tqdm(total=len(config.points()), desc="bench", disable=not progress, file=sys.stderr) as bar:
+        for group in config.groups():
+            bar.set_postfix_str(f"L={group[0].context} b={group[0].batch}")
+            records += run("group", [asdict(point) for point in group], lambda row: bar.update(1))
     stream = []
-    if stream_tokens:
-        for method in ("streaming", "h2o+cam"):
-            stream += measure_stream(model, stream_tokens, stream_budget, method, segment=512, chunk=16)
-    config = {"methods": methods, "contexts": contexts, "batches": batches, "budget": budget, "steps": steps,
-              "chunk": chunk, "model": model, "stream_tokens": stream_tokens, "stream_budget": stream_budget,
-              "threads": torch.get_num_threads()}  # fmt: skip
-    return write_results(out_dir, "bench", config, records, stream=stream, ratios=ratios(records))
+    if config.stream_tokens:
+        args = {
+            "model_name": config.model,
+            "method": config.stream_method,
+            "tokens": config.stream_tokens,
+            "budget": config.stream_budget,
+            "segment": config.stream_segment,
+            "chunk": config.stream_chunk,
+            "threads": config.threads,
+        }
+        with tqdm(
+            total=config.stream_tokens,
+            desc=f"stream {config.stream_method}",
+            unit="tok",
+            disable=not progress,
+            file=sys.stderr,
+        ) as stream_bar:
+            stream = run("stream", args, lambda row: stream_bar.update(row["tokens_seen"] - stream_bar.n))
+    kvpress_records = []
+    if config.compare_kvpress:
+        args = {
+            "model_name": config.model,
+            "context": config.kvpress_context,
+            "budget": config.budget_for(config.kvpress_context),
+            "tokens": config.kvpress_tokens,
+            "threads": config.threads,
+        }
+        if progress:
+            print("kvpress comparison ...", file=sys.stderr)
+        kvpress_records = run("kvpress", args)
+    ratio_rows = ratios(records)
+    settings = asdict(config) | {"isolate": isolate, "kvpress": kvpress_version(), "cpu_count": os.cpu_count()}
+    return write_results(
+        out_dir,
+        "bench",
+        settings,
+        records,
+        ratios=ratio_rows,
+        stream=stream,
+        kvpress=kvpress_records,
+        targets=targets(records, ratio_rows, stream, config.budget),
+    )
+
+
+_KINDS: dict[str, Callable] = {
+    "group": lambda args, report: measure_group([Point(**point) for point in args], report),
+    "stream": lambda args, report: measure_stream(**args, report=report),
+    "kvpress": lambda args, report: compare_kvpress(**args),
+}
+
+
+def _in_process(kind: str, args: dict, report: Callable[[dict], None] | None = None):
+    return _KINDS[kind](args, report)
+
+
+def _in_subprocess(kind: str, args: dict, report: Callable[[dict], None] | None = None):
+    """Run a measurement in a fresh ``python -m kvmerge.eval.bench``: its JSON lines are progress rows,
+    then ``{"result": ...}``."""
+    command = [sys.executable, "-m", "kvmerge.eval.bench", json.dumps({"kind": kind, "args": args})]
+    env = os.environ | {"TQDM_DISABLE": "1", "TRANSFORMERS_VERBOSITY": "error"}
+    with subprocess.Popen(command, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, env=env) as child:
+        result = None
+        for line in child.stdout:
+            message = json.loads(line) if line.startswith("{") else {}
+            if "row" in message and report:
+                report(message["row"])
+            result = message.get("result", result)
+        error = child.stderr.read()
+    if child.returncode != 0 or result is None:
+        raise RuntimeError(f"bench {kind} {args} failed (exit {child.returncode}):\n{error[-3000:]}")
+    return result
+
+
+def _child(message: str) -> None:
+    request = json.loads(message)
+
+    def report(row: dict) -> None:
+        print(json.dumps({"row": row}), flush=True)
+
+    print(json.dumps({"result": _KINDS[request["kind"]](request["args"], report)}), flush=True)
+
+
+# -- ratios and targets ----------------------------------------------------------------------------
 
 
 def ratios(records: list[dict]) -> list[dict]:
-    """Per compressed point: decode speed-up over full at the same context, overhead over full at its budget,
-    KV memory over full, CaM's extra time and memory over its selector."""
-    full = {(r["context"], r["batch"]): r for r in records if r["method"] == "full"}
+    """Per compressed point: decode speed-up over the full cache at the same context, overhead over the
+    full cache at its budget, KV and peak RSS against full, statistics against KV bytes, exact
+    accounting, and for ``selector+cam`` CaM's extra decode time and memory over its selector."""
+    full = {(r["context"], r["batch"]): r for r in records if r["method"] == "full" and not r.get("for_context")}
+    at_budget = {(r["for_context"], r["batch"]): r for r in records if r["method"] == "full" and r.get("for_context")}
     by_key = {(r["method"], r["context"], r["batch"]): r for r in records}
     out = []
     for r in records:
         if r["method"] == "full":
             continue
-        same, at_budget = full.get((r["context"], r["batch"])), full.get((r["budget"], r["batch"]))
         row = {"method": r["method"], "context": r["context"], "batch": r["batch"], "budget": r["budget"]}
+        same, reference = full.get((r["context"], r["batch"])), at_budget.get((r["context"], r["batch"]))
         if same:
             row["speedup_vs_full"] = same["decode_ms"] / r["decode_ms"]
             row["kv_vs_full"] = r["kv_bytes"] / same["kv_bytes"]
-            row["peak_rss_vs_full"] = r["peak_rss"] / same["peak_rss"]
-        if at_budget:
-            row["overhead_vs_full_at_budget"] = r["decode_ms"] / at_budget["decode_ms"]
+            row["prefill_rss_vs_full"] = r["prefill_rss_growth"] / max(same["prefill_rss_growth"], 1)
+        if reference:
+            row["overhead_vs_full_at_budget"] = r["decode_ms"] / reference["decode_ms"]
         row["stats_vs_kv"] = r["stats_bytes"] / r["kv_bytes"]
-        selector = r["method"].split("+")[0]
-        if "+cam" in r["method"] and (selector, r["context"], r["batch"]) in by_key:
-            base = by_key[(selector, r["context"], r["batch"])]
+        row["kv_exact"] = r["kv_bytes"] == r["kv_bytes_expected"]
+        selector, _, absorber = r["method"].partition("+")
+        base = by_key.get((selector, r["context"], r["batch"]))
+        if absorber == "cam" and base:
             row["cam_time_overhead"] = r["decode_ms"] / base["decode_ms"] - 1
-            row["cam_memory_overhead"] = r["peak_rss"] / base["peak_rss"] - 1
+            held, base_held = r["kv_bytes"] + r["stats_bytes"], base["kv_bytes"] + base["stats_bytes"]
+            row["cam_memory_overhead"] = held / base_held - 1
+            row["cam_rss_overhead"] = r["rss_held"] / max(base["rss_held"], 1) - 1
         out.append(row)
     return out
 
 
+def targets(records: list[dict], ratio_rows: list[dict], stream: list[dict], budget: float | int) -> list[dict]:
+    """Issue 5's targets, each with the worst measured value and whether it is met."""
+    out = []
+
+    def add(name: str, values: list[float], limit: float, met: Callable[[float], bool], worst=max, where=""):
+        if values:
+            value = worst(values)
+            out.append({"target": name, "value": value, "limit": limit, "met": bool(met(value)), "where": where})
+
+    def worst_of(key: str, worst=max):
+        rows = [r for r in ratio_rows if key in r]
+        if not rows:
+            return [], ""
+        row = worst(rows, key=lambda r: r[key])
+        return [row[key]], f"{row['method']} L={row['context']} b={row['batch']}"
+
+    values, where = worst_of("overhead_vs_full_at_budget")
+    add(
+        "decode ms/token <= 1.10 x full at context B",
+        values,
+        OVERHEAD_LIMIT,
+        lambda v: v <= OVERHEAD_LIMIT,
+        where=where,
+    )
+    values, where = worst_of("cam_time_overhead")
+    add("CaM extra decode time <= 5%", values, CAM_TIME_LIMIT, lambda v: v <= CAM_TIME_LIMIT, where=where)
+    values, where = worst_of("cam_memory_overhead")
+    add(
+        "CaM extra memory (KV + statistics) < 1%", values, CAM_MEMORY_LIMIT, lambda v: v < CAM_MEMORY_LIMIT, where=where
+    )
+    exact = [r["kv_exact"] for r in ratio_rows]
+    if exact:
+        out.append(
+            {
+                "target": "KV bytes == kept entries x bytes per entry",
+                "value": sum(exact) / len(exact),
+                "limit": 1.0,
+                "met": all(exact),
+                "where": f"{sum(exact)} of {len(exact)} points",
+            }
+        )
+    values, where = worst_of("stats_vs_kv")
+    add("statistics < 5% of KV bytes", values, STATS_LIMIT, lambda v: v < STATS_LIMIT, where=where)
+    if isinstance(budget, float) and math.isclose(budget, 0.2):
+        speed = [r for r in ratio_rows if r["context"] == SPEEDUP_CONTEXT and "speedup_vs_full" in r]
+        if speed:
+            row = min(speed, key=lambda r: r["speedup_vs_full"])
+            add(
+                "decode throughput at 8k, 20% budget >= 1.5 x full",
+                [row["speedup_vs_full"]],
+                SPEEDUP_TARGET,
+                lambda v: v >= SPEEDUP_TARGET,
+                worst=min,
+                where=f"{row['method']} b={row['batch']} (slowest)",
+            )
+    flat = stream_flatness(stream)
+    if flat:
+        add(
+            "stream ms/token flat (last / first segment <= 1.10)",
+            [flat["ms_ratio"]],
+            FLAT_LIMIT,
+            lambda v: v <= FLAT_LIMIT,
+            where=f"{flat['first']} -> {flat['last']} tokens",
+        )
+        add(
+            "stream RSS flat (last / first segment <= 1.10)",
+            [flat["rss_ratio"]],
+            FLAT_LIMIT,
+            lambda v: v <= FLAT_LIMIT,
+            where=f"{flat['first']} -> {flat['last']} tokens",
+        )
+    return out
+
+
+def stream_flatness(stream: list[dict]) -> dict | None:
+    """ms/token and RSS of the last segment over the first segment in which the cache is full."""
+    if not stream:
+        return None
+    budget_bytes = max(r["kv_bytes"] for r in stream)
+    # the first segment that starts with a full cache (the cache fills during the segments before it)
+    full = [r for previous, r in itertools.pairwise(stream) if previous["kv_bytes"] >= budget_bytes] or stream
+    first, last = full[0], stream[-1]
+    return {
+        "first": first["tokens_seen"],
+        "last": last["tokens_seen"],
+        "ms_ratio": last["ms_per_token"] / first["ms_per_token"],
+        "rss_ratio": last["rss"] / first["rss"],
+    }
+
+
+# -- report ----------------------------------------------------------------------------------------
+
+
 def render(results: dict, out_dir: Path) -> str:
-    """Markdown tables and PNG plots of a bench ``results.json``."""
-    records = [r for r in results["records"] if r["method"] != "full" or r["context"] in results["config"]["contexts"]]
-    rows = ("method", "batch")
+    """Markdown tables and PNG plots of a bench ``results.json`` (called by ``kvmerge report``)."""
+    from kvmerge.eval.results import line_plot, markdown_table
+
+    records, config = results["records"], results["config"]
+    rows = ("label", "batch")
+    mib = 2**-20
     parts = [
-        "## Decode ms/token (median)",
-        markdown_table(records, rows, "context", "decode_ms", digits=1),
-        "## KV MiB held",
-        markdown_table(records, rows, "context", "kv_bytes", 2**-20, 2),
-        "## Peak RSS MiB",
-        markdown_table(records, rows, "context", "peak_rss", 2**-20, 0),
-        "## Prefill seconds",
-        markdown_table(records, rows, "context", "prefill_seconds", digits=2),
+        f"Shared {config.get('cpu_count', '?')}-core CPU, {config['threads']} thread(s); budget "
+        f"{config['budget']} of each context (`full@budget`: the full cache at that many tokens); "
+        f"decode = median of {config['steps']} steps; prefill in forward calls of {config['chunk']} tokens.",
     ]
+    parts += (
+        []
+        if not records
+        else [
+            "## Decode ms/token (median)",
+            markdown_table(records, rows, "column", "decode_ms", digits=1),
+            "## KV MiB held (keys + values of the kept entries)",
+            markdown_table(records, rows, "column", "kv_bytes", mib, 2),
+            "## Statistics and positions, % of the KV bytes",
+            markdown_table(
+                [r | {"stats_pct": 100 * r["stats_bytes"] / r["kv_bytes"]} for r in records],
+                rows,
+                "column",
+                "stats_pct",
+                digits=2,
+            ),
+            "## Prefill seconds",
+            markdown_table(records, rows, "column", "prefill_seconds", digits=2),
+            "## Prefill peak RSS growth, MiB (above the process before this point's prefill)",
+            markdown_table(records, rows, "column", "prefill_rss_growth", mib, 1),
+            "## RSS held after prefill, MiB (what the cache keeps, as the OS counts it)",
+            markdown_table(records, rows, "column", "rss_held", mib, 1),
+        ]
+    )
     ratio_rows = results.get("ratios", [])
     if ratio_rows:
-        keys = [k for k in ratio_rows[0] if k not in ("method", "context", "batch", "budget")]
-        keys += sorted({k for r in ratio_rows for k in r} - set(keys) - {"method", "context", "batch", "budget"})
-        header = ["method", "context", "batch", *keys]
-        lines = ["| " + " | ".join(header) + " |", "|" + "---|" * len(header)]
-        for r in ratio_rows:
-            cells = [f"{r[k]:.3f}" if isinstance(r.get(k), float) else str(r.get(k, "–")) for k in header]
-            lines.append("| " + " | ".join(cells) + " |")
-        parts += ["## Ratios (same run)", "\n".join(lines)]
+        keys = [
+            "speedup_vs_full",
+            "overhead_vs_full_at_budget",
+            "kv_vs_full",
+            "prefill_rss_vs_full",
+            "stats_vs_kv",
+            "kv_exact",
+            "cam_time_overhead",
+            "cam_memory_overhead",
+            "cam_rss_overhead",
+        ]
+        parts += ["## Ratios (same run)", _table(ratio_rows, ["method", "context", "batch", "budget", *keys])]
+    if results.get("targets"):
+        parts += ["## Targets", _table(results["targets"], ["target", "value", "limit", "met", "where"])]
+    stream = results.get("stream") or []
+    if stream:
+        flat = stream_flatness(stream)
+        step = max(1, len(stream) // 12)
+        shown = stream[::step] + ([stream[-1]] if (len(stream) - 1) % step else [])
+        view = [r | {"rss_mib": r["rss"] * mib, "kv_mib": r["kv_bytes"] * mib} for r in shown]
+        parts += [
+            f"## Stream: {stream[0]['method']}, budget {stream[0]['budget']}, chunk {stream[0]['chunk']}",
+            _table(view, ["tokens_seen", "ms_per_token", "rss_mib", "kv_mib", "nll"]),
+            f"last / first full-cache segment: ms/token x{flat['ms_ratio']:.3f}, RSS x{flat['rss_ratio']:.3f}",
+        ]
+        line_plot(
+            stream,
+            "tokens_seen",
+            "ms_per_token",
+            "method",
+            out_dir / "stream_ms.png",
+            "constant-memory stream: ms/token",
+            "tokens seen",
+            "ms/token",
+        )
+        line_plot(
+            [r | {"rss_mib": r["rss"] * mib} for r in stream],
+            "tokens_seen",
+            "rss_mib",
+            "method",
+            out_dir / "stream_rss.png",
+            "constant-memory stream: RSS",
+            "tokens seen",
+            "MiB",
+        )
+    if results.get("kvpress"):
+        parts += [
+            "## kvpress vs kvmerge (same model, text, kept budget)",
+            _table(
+                results["kvpress"],
+                [
+                    "press",
+                    "library",
+                    "context",
+                    "budget",
+                    "kept_per_head",
+                    "ppl",
+                    "prefill_seconds",
+                    "decode_ms",
+                    "kv_bytes",
+                ],
+            ),
+        ]
+    for record in records:
+        if record.get("profile"):
+            profile = record["profile"]
+            parts += [
+                f"## Profile: {record['label']} L={record['context']} b={record['batch']} "
+                f"(ms per decoding step; linear layers {profile['linear_ms_per_step']:.1f} ms)",
+                _table(profile["ops"], ["op", "ms_per_step", "calls_per_step"]),
+                _table(profile["python"], ["function", "ms_per_step", "calls_per_step"]),
+            ]
     for batch in sorted({r["batch"] for r in records}):
         chosen = [r for r in records if r["batch"] == batch]
-        line_plot(chosen, "context", "decode_ms", "method", out_dir / f"decode_ms_batch{batch}.png",
-                  f"decode ms/token, batch {batch}", "context (tokens)", "ms/token")  # fmt: skip
-        line_plot(chosen, "context", "kv_bytes", "method", out_dir / f"kv_bytes_batch{batch}.png",
-                  f"KV bytes held, batch {batch}", "context (tokens)", "bytes", logy=True)  # fmt: skip
-    if results.get("stream"):
-        line_plot(results["stream"], "tokens_seen", "ms_per_token", "method", out_dir / "stream_ms.png",
-                  "constant-memory stream: ms/token", "tokens seen", "ms/token")  # fmt: skip
-        line_plot(results["stream"], "tokens_seen", "rss", "method", out_dir / "stream_rss.png",
-                  "constant-memory stream: RSS", "tokens seen", "bytes")  # fmt: skip
+        line_plot(
+            chosen,
+            "column",
+            "decode_ms",
+            "label",
+            out_dir / f"decode_ms_batch{batch}.png",
+            f"decode ms/token, batch {batch}",
+            "context (tokens)",
+            "ms/token",
+        )
+        line_plot(
+            chosen,
+            "column",
+            "kv_bytes",
+            "label",
+            out_dir / f"kv_bytes_batch{batch}.png",
+            f"KV bytes held, batch {batch}",
+            "context (tokens)",
+            "bytes",
+            logy=True,
+        )
+        line_plot(
+            [r | {"growth": r["prefill_rss_growth"] * mib} for r in chosen],
+            "column",
+            "growth",
+            "label",
+            out_dir / f"prefill_rss_batch{batch}.png",
+            f"prefill peak RSS above the model, batch {batch}",
+            "prompt (tokens)",
+            "MiB",
+        )
     return "\n\n".join(parts)
 
 
-def _rss() -> int:
+def _table(rows: list[dict], keys: list[str]) -> str:
+    keys = [k for k in keys if any(k in r for r in rows)]
+    lines = ["| " + " | ".join(keys) + " |", "|" + "---|" * len(keys)]
+    for r in rows:
+        cells = [_cell(r.get(k)) for k in keys]
+        lines.append("| " + " | ".join(cells) + " |")
+    return "\n".join(lines)
+
+
+def _cell(value) -> str:
+    if value is None:
+        return "–"
+    if isinstance(value, bool):
+        return "yes" if value else "**no**"
+    if isinstance(value, float):
+        return f"{value:.3f}" if abs(value) < 1000 else f"{value:.0f}"
+    return str(value)
+
+
+# -- memory ----------------------------------------------------------------------------------------
+
+
+def _status(field_name: str) -> int:
     with open("/proc/self/status") as status:
         for line in status:
-            if line.startswith("VmRSS:"):
+            if line.startswith(field_name + ":"):
                 return int(line.split()[1]) * 1024
     return 0
 
 
-def _in_subprocess(point: Point) -> dict:
-    command = [sys.executable, "-m", "kvmerge.eval.bench", json.dumps(asdict(point))]
-    done = subprocess.run(command, capture_output=True, text=True, env=os.environ | {"TQDM_DISABLE": "1"}, check=False)
-    if done.returncode != 0:
-        raise RuntimeError(f"bench point {point} failed:\n{done.stderr[-2000:]}")
-    return json.loads(done.stdout.strip().splitlines()[-1])
+def _rss() -> int:
+    """Resident set size now (bytes; 0 where ``/proc`` is missing)."""
+    with contextlib.suppress(OSError):
+        return _status("VmRSS")
+    return 0
+
+
+def _peak_rss() -> int:
+    """Peak resident set size since the last :func:`_reset_peak_rss` (bytes)."""
+    with contextlib.suppress(OSError):
+        return _status("VmHWM")
+    import resource
+
+    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024
+
+
+def _release_memory() -> int:
+    """Collect garbage, hand freed heap pages back to the OS (glibc ``malloc_trim``), reset the peak-RSS
+    mark; returns the RSS, which is then what the process really holds."""
+    gc.collect()
+    with contextlib.suppress(OSError, AttributeError):
+        import ctypes
+
+        ctypes.CDLL("libc.so.6").malloc_trim(0)
+    return _reset_peak_rss()
+
+
+def _reset_peak_rss() -> int:
+    """Reset the kernel's peak-RSS mark to the current RSS (Linux ``clear_refs``); returns the RSS."""
+    with contextlib.suppress(OSError), open("/proc/self/clear_refs", "w") as refs:
+        refs.write("5")
+    return _rss()
+
+
+# -- command line ----------------------------------------------------------------------------------
+
+EXAMPLES = """
+examples:
+  kvmerge bench                                   # the default grid (5 methods, 512-8192 tokens, batch 1 and 8)
+  kvmerge bench --contexts 512,2048 --batches 1 --methods streaming,streaming+cam --steps 16
+  kvmerge bench --contexts 8192 --batches 1 --budget 0.2 --profile --out runs/bench-8k
+  kvmerge bench --no-points --stream-tokens 100000 --stream-budget 1024 --out runs/stream
+  PYTHONPATH=DIR kvmerge bench --no-points --compare-kvpress --kvpress-context 2048
+
+what is measured (ratios are taken between points measured side by side):
+  for each context L and batch, one fresh process prefills, one point after the other, the full
+  cache (transformers' DynamicCache) at L, the full cache at the budget B and each method at L,
+  in forward calls of --chunk tokens (prefill time, peak RSS growth, RSS held afterwards); then
+  it decodes --steps tokens round-robin, one step of each point in turn, so that all of them see
+  the same machine load: decode ms/token (median), KV bytes held (exact) and statistics bytes.
+  --stream-tokens N scores N tokens of text through one cache of --stream-budget entries and
+  records ms/token, RSS and KV bytes per --stream-segment tokens (they must stay flat).
+  --compare-kvpress runs kvpress's StreamingLLM, TOVA, SnapKV and CaM presses next to kvmerge's
+  (same model, text and kept budget): perplexity of a continuation and time. It needs kvpress
+  importable; kvpress 0.5 pins transformers<5.3, so install it apart:
+  pip install --no-deps --target DIR kvpress cachetools fire termcolor peft, then PYTHONPATH=DIR.
+
+writes into --out: results.json (every number), results.md (the tables printed here),
+decode_ms_batch*.png, kv_bytes_batch*.png, prefill_rss_batch*.png, stream_ms.png, stream_rss.png.
+Timings depend on the machine and its load: compare ratios within one run.
+"""
+
+
+def add_bench_command(subparsers: argparse._SubParsersAction) -> argparse.ArgumentParser:
+    """Add ``bench`` to a CLI's subparsers; its ``func(args) -> int`` default runs it."""
+    summary = "speed and memory of each method against the full cache (and kvpress), in one run"
+    parser = subparsers.add_parser(
+        "bench",
+        help=summary,
+        description=summary[0].upper() + summary[1:] + ".",
+        epilog=EXAMPLES,
+        formatter_class=argparse.RawDescriptionHelpFormatter,
+    )
+    defaults = BenchConfig()
+    parser.add_argument(
+        "--methods",
+        type=_method_list,
+        default=list(defaults.methods),
+        help=f"comma list of compressing methods, full always runs ({','.join(defaults.methods)})",
+    )
+    parser.add_argument(
+        "--contexts",
+        type=_count_list,
+        default=list(defaults.contexts),
+        help="comma list of prompt lengths in tokens (512,2048,8192)",
+    )
+    parser.add_argument(
+        "--batches", type=_count_list, default=list(defaults.batches), help="comma list of batch sizes (1,8)"
+    )
+    parser.add_argument(
+        "--budget",
+        type=_budget,
+        default=defaults.budget,
+        help="entries kept per KV head: a fraction of each context (0.2 or 20%%) or a count (256)",
+    )
+    parser.add_argument("--steps", type=_count, default=defaults.steps, help="decoding steps timed per point (32)")
+    parser.add_argument(
+        "--chunk",
+        type=_count,
+        default=defaults.chunk,
+        help="prompt tokens per forward call and per compression step (256)",
+    )
+    parser.add_argument("--model", default=defaults.model, help="'default' (SmolLM2-135M-Instruct), a path or a hub id")
+    parser.add_argument("--threads", type=_count, default=defaults.threads, help="torch threads per process (1)")
+    parser.add_argument(
+        "--profile",
+        action="store_true",
+        help="profile the decoding step of each point at L (torch ops and kvmerge functions)",
+    )
+    parser.add_argument(
+        "--stream-tokens",
+        type=_count_or_zero,
+        default=0,
+        help="tokens of the constant-memory stream (0 = no stream; e.g. 100000)",
+    )
+    parser.add_argument(
+        "--stream-budget",
+        type=_count,
+        default=defaults.stream_budget,
+        help="entries per KV head kept by the stream (1024)",
+    )
+    parser.add_argument(
+        "--stream-chunk",
+        type=_count,
+        default=defaults.stream_chunk,
+        help="tokens per compression step of the stream (32)",
+    )
+    parser.add_argument(
+        "--stream-segment",
+        type=_count,
+        default=defaults.stream_segment,
+        help="tokens per forward call of the stream, one measurement each (1024)",
+    )
+    parser.add_argument(
+        "--stream-method", type=_method_list, default=[defaults.stream_method], help="the stream's method (streaming)"
+    )
+    parser.add_argument(
+        "--compare-kvpress",
+        action="store_true",
+        help="also run kvpress's shared presses (needs the kvpress package; see below)",
+    )
+    parser.add_argument(
+        "--kvpress-context",
+        type=_count,
+        default=defaults.kvpress_context,
+        help="prompt tokens of the kvpress comparison (1024)",
+    )
+    parser.add_argument(
+        "--kvpress-tokens",
+        type=_count,
+        default=defaults.kvpress_tokens,
+        help="continuation tokens scored in the kvpress comparison (64)",
+    )
+    parser.add_argument(
+        "--in-process",
+        action="store_true",
+        help="measure every point in this process (faster start; peak RSS is then not per point)",
+    )
+    parser.add_argument(
+        "--no-points", action="store_true", help="skip the grid: run only the stream and/or the kvpress comparison"
+    )
+    parser.add_argument("--no-progress", action="store_true", help="no progress bars")
+    parser.add_argument("--out", type=Path, default=Path("runs") / "bench", help="results folder (runs/bench)")
+    parser.set_defaults(func=lambda args: _run_command(args, parser))
+    return parser
+
+
+def config_from_args(args: argparse.Namespace, parser: argparse.ArgumentParser) -> BenchConfig:
+    """A validated :class:`BenchConfig` from parsed arguments; a clear ``parser.error`` for bad input."""
+    import kvmerge
+    from kvmerge.registry import SELECTORS
+
+    methods = tuple(dict.fromkeys(m for m in args.methods if m != "full"))
+    if not methods:
+        parser.error("--methods: give at least one compressing method (full is always measured)")
+    if len(args.stream_method) != 1:
+        parser.error("--stream-method takes one method")
+    for method in methods + tuple(args.stream_method):
+        if method.endswith("+less"):
+            parser.error(f"--methods: {method} needs trained kernels (kvmerge train-less); not benchmarked here")
+        if not SELECTORS[method.split("+")[0]].compresses:
+            parser.error(f"{method} does not compress (full is always measured)")
+    config = BenchConfig(
+        methods=methods,
+        contexts=tuple(args.contexts),
+        batches=tuple(args.batches),
+        budget=args.budget,
+        steps=args.steps,
+        chunk=args.chunk,
+        model=_check_model(args.model, parser),
+        threads=args.threads,
+        profile=args.profile,
+        stream_tokens=args.stream_tokens,
+        stream_budget=args.stream_budget,
+        stream_chunk=args.stream_chunk,
+        stream_segment=args.stream_segment,
+        stream_method=args.stream_method[0],
+        compare_kvpress=args.compare_kvpress,
+        kvpress_context=args.kvpress_context,
+        kvpress_tokens=args.kvpress_tokens,
+        points_grid=not args.no_points,
+    )
+    if args.no_points and not (config.stream_tokens or config.compare_kvpress):
+        parser.error("--no-points leaves nothing to run: add --stream-tokens N and/or --compare-kvpress")
+    for context in config.contexts if config.points_grid else ():
+        kept = config.budget_for(context)
+        if kept >= context:
+            parser.error(
+                f"--budget {config.budget} keeps {kept} entries of a {context}-token context: nothing "
+                "to compress; use a smaller budget or longer --contexts"
+            )
+        for method in methods:
+            try:
+                kvmerge.make_method(method, kept, **method_options(method, config.chunk))
+            except (ValueError, TypeError) as error:
+                parser.error(f"{method} at budget {kept} (context {context}): {error}")
+    if config.stream_tokens:
+        if config.stream_budget >= config.stream_tokens:
+            parser.error(f"--stream-budget {config.stream_budget} must be below --stream-tokens {config.stream_tokens}")
+        try:
+            kvmerge.make_method(
+                config.stream_method, config.stream_budget, **method_options(config.stream_method, config.stream_chunk)
+            )
+        except (ValueError, TypeError) as error:
+            parser.error(f"--stream-method {config.stream_method}: {error}")
+    if config.compare_kvpress:
+        if kvpress_version() is None:
+            parser.error(
+                "--compare-kvpress needs the kvpress package, which cannot be imported here. kvpress 0.5 pins "
+                "transformers<5.3 (kvmerge uses transformers 5.x >= 5.23), so install it apart: pip install "
+                "--no-deps --target DIR kvpress cachetools fire termcolor peft, then run with PYTHONPATH=DIR"
+            )
+        if config.budget_for(config.kvpress_context) >= config.kvpress_context:
+            parser.error("--budget keeps the whole --kvpress-context: nothing to compare")
+    if args.out.exists() and not args.out.is_dir():
+        parser.error(f"--out {args.out} exists and is not a folder")
+    return config
+
+
+def _run_command(args: argparse.Namespace, parser: argparse.ArgumentParser) -> int:
+    config = config_from_args(args, parser)
+    torch.set_num_threads(config.threads)
+    if args.no_progress:
+        os.environ["TQDM_DISABLE"] = "1"
+    started = time.perf_counter()
+    path = run_bench(config, args.out, isolate=not args.in_process, progress=not args.no_progress)
+    print((path.parent / "results.md").read_text())
+    print(f"{time.perf_counter() - started:.0f} s; written: {path.parent}/results.json, results.md and plots")
+    return 0
+
+
+def _count(text: str) -> int:
+    try:
+        value = int(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"expected a positive integer, got {text!r}") from None
+    if value < 1:
+        raise argparse.ArgumentTypeError(f"expected a positive integer, got {text!r}")
+    return value
+
+
+def _count_or_zero(text: str) -> int:
+    return 0 if text.strip() == "0" else _count(text)
+
+
+def _count_list(text: str) -> list[int]:
+    values = [_count(t.strip()) for t in text.split(",") if t.strip()]
+    if not values:
+        raise argparse.ArgumentTypeError(f"expected a comma list of positive integers, got {text!r}")
+    return values
+
+
+def _budget(text: str) -> float | int:
+    value = text.strip()
+    try:
+        number = float(value[:-1]) / 100 if value.endswith("%") else (int(value) if value.isdigit() else float(value))
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"invalid budget {text!r}: a fraction (0.2 or 20%) or a count (256)") from None
+    if isinstance(number, float) and not 0.0 < number < 1.0:
+        raise argparse.ArgumentTypeError(f"invalid budget {text!r}: a fraction must be in (0, 1)")
+    if isinstance(number, int) and number < 1:
+        raise argparse.ArgumentTypeError(f"invalid budget {text!r}: a count must be >= 1")
+    return number
+
+
+def _method_list(text: str) -> list[str]:
+    import kvmerge
+
+    methods = [m.strip().lower() for m in text.split(",") if m.strip()]
+    known = set(kvmerge.method_names())
+    unknown = [m for m in methods if m not in known]
+    if unknown or not methods:
+        raise argparse.ArgumentTypeError(f"unknown method(s) {unknown or text!r}; see 'kvmerge methods'")
+    return methods
+
+
+def _check_model(name: str, parser: argparse.ArgumentParser) -> str:
+    if name == "default" or (name.count("/") == 1 and not name.startswith((".", "/", "~"))):
+        return name  # the default model or a hub id
+    path = Path(name).expanduser()
+    if not path.exists():
+        parser.error(f"--model {name!r}: no such path (give 'default', a local path or a hub id owner/name)")
+    return str(path)
 
 
 if __name__ == "__main__":
-    print(json.dumps(measure(Point(**json.loads(sys.argv[1])))))
+    _child(sys.argv[1])
+
+
+__all__ = [
+    "BenchConfig",
+    "Point",
+    "add_bench_command",
+    "compare_kvpress",
+    "kv_accounting",
+    "measure_group",
+    "measure_stream",
+    "ratios",
+    "render",
+    "run_bench",
+    "targets",
+]

@@ -31,6 +31,7 @@ BENCHMARKS = {
     "needle": "kvmerge.eval.needle",
     "perturbation": "kvmerge.eval.perturbation",
     "ppl": "kvmerge.eval.sweep",
+    "bench": "kvmerge.eval.bench",
 }
 
 
