@@ -136,21 +136,39 @@ def test_cam_merges_values_per_formula_and_never_touches_keys():
     layer.compress()
     kept = kept_positions(layer)
     assert kept == [[0, 1, 3, 6, 7], [1, 2, 4, 6, 7]]
-    expected = values.clone()
+    merges = 0
     for h in range(2):
-        order = kept[h]
-        for i in sorted(set(range(8)) - set(order)):
-            after = [k for k in order if k > i][:2]
+        # The oracle: the evictions one at a time in position order, each merged into the next m = 2
+        # entries still present (a later-evicted one passes on what it received).
+        present, current = list(range(8)), values[0, h].clone()
+        for i in sorted(set(range(8)) - set(kept[h])):
+            after = [k for k in present if k > i][:2]
             p = min(max(acc[0, h, i] / acc[0, h, after].mean(), 0.0), 1.0)
             if torch.isnan(p):
                 p = torch.tensor(0.0)
-            draw = hashed_uniform(7, 0, torch.tensor(h), torch.tensor(i))
-            if draw < p:
-                for k in after:
-                    expected[0, h, k] += values[0, h, i] / 2
-        torch.testing.assert_close(layer.values[0, h], expected[0, h, order])
-        torch.testing.assert_close(layer.keys[0, h], keys[0, h, order])  # keys are never merged
-    assert not torch.equal(layer.values, values[:, :, :5])  # something was merged
+            if hashed_uniform(7, 0, torch.tensor(h), torch.tensor(i)) < p:
+                current[after] += current[i] / 2
+                merges += 1
+            present.remove(i)
+        torch.testing.assert_close(layer.values[0, h], current[kept[h]])
+        torch.testing.assert_close(layer.keys[0, h], keys[0, h, kept[h]])  # keys are never merged
+    assert merges >= 1 and not torch.equal(layer.values, values[:, :, :5])  # something was merged
+
+
+def test_cam_bulk_eviction_cascades_like_single_evictions():
+    """Evicting 6 entries in one compression equals evicting them one by one in position order: each
+    evicted value (with what it received) goes to the next m entries present, not all to the same kept m."""
+    acc = torch.ones(1, 1, 10)  # p = 1 everywhere: every eviction merges
+    layer = hand_made_layer("streaming+cam", budget=4, positions=10, stats={AccumulatedAttention.name: acc},
+                            heads=1, merge_window=3, sink=1)  # fmt: skip
+    values = layer.values.clone()
+    layer.compress()
+    assert kept_positions(layer) == [[0, 7, 8, 9]]  # sink 0 + the 3 most recent: 1-6 evicted at once
+    current = values[0, 0].clone()
+    for i in range(1, 7):
+        current[i + 1 : i + 4] += current[i] / 3
+    torch.testing.assert_close(layer.values[0, 0], current[[0, 7, 8, 9]])
+    assert float(layer.values[0, 0, 1:].norm(dim=-1).max()) < 3 * float(values[0, 0].norm(dim=-1).max())
 
 
 def test_cam_with_certain_gate_adds_value_over_m():

@@ -1,8 +1,15 @@
 """CaM, Cache Merging (Zhang et al., ICML 2024): merge an evicted value into its kept neighbours.
 
-For an evicted entry i and the next ``m`` kept entries after it (N):
+For an evicted entry i and the next ``m`` entries after it (N):
 ``p = Ā_i / mean(Ā_N)``, ``M ~ Bernoulli(clamp(p, 0, 1))`` per sequence and KV head, and
 ``V_k += M * V_i / m`` for every k in N. Keys are never merged.
+
+CaM is defined one eviction per step. When one compression evicts several entries (a chunk, or
+the prompt under the ``prefill`` schedule), they are merged as that many single evictions in
+position order: N is the next ``m`` entries still present at i's turn (kept ones, and evicted ones
+whose turn comes later), and an evicted entry passes on its value with what it received. So a
+chunked or prefill compression merges like token-by-token streaming instead of piling every
+evicted value onto the same ``m`` kept entries (which blows values up when more than ``m`` go).
 """
 
 from __future__ import annotations
@@ -33,7 +40,7 @@ class CaM(Absorber):
 
     def absorb(self, eviction: Eviction, config: CompressionConfig) -> None:
         before, after, m = eviction.before, eviction.after, config.merge_window
-        stat = AccumulatedAttention.name
+        attention = before.stats[AccumulatedAttention.name]
         # Evicted slots per row in position order (padded with slots that were not evicted): [b, h, e].
         slots, is_evicted = eviction.evicted_slots, None
         if slots is None:
@@ -44,25 +51,62 @@ class CaM(Absorber):
             earlier_first = torch.arange(n, 0, -1, device=eviction.evicted.device)  # larger for a lower slot
             slots = torch.topk(eviction.evicted * earlier_first, count, dim=-1).indices
             is_evicted = eviction.evicted.gather(-1, slots)
-        # First kept entry after each evicted one; its m successors are the neighbours: [b, h, e, m].
-        start = torch.searchsorted(eviction.kept_slots, slots.contiguous(), right=True)
-        k = eviction.kept_slots.shape[-1]
-        neighbours = start.unsqueeze(-1) + torch.arange(m, device=slots.device)
-        has_neighbour = neighbours < k
-        neighbours = neighbours.clamp(max=k - 1)
-        kept_attention = after.stats[stat].unsqueeze(2).expand(*neighbours.shape[:3], k)
-        neighbour_attention = kept_attention.gather(-1, neighbours) * has_neighbour
+        # Present entries by rank (empty slots skipped); the m after each evicted one: [b, h, e, m].
+        valid = before.index >= 0
+        rank = valid.long().cumsum(-1) - 1  # [b, h, n]
+        slot_of_rank = torch.zeros_like(rank).scatter_(-1, torch.where(valid, rank, rank.shape[-1] - 1), _slots(rank))
+        evicted_rank = rank.gather(-1, slots)
+        neighbour_rank = evicted_rank.unsqueeze(-1) + torch.arange(1, m + 1, device=slots.device)
+        has_neighbour = neighbour_rank < valid.sum(-1, keepdim=True).unsqueeze(-1)
+        neighbours = slot_of_rank.gather(-1, neighbour_rank.clamp(max=rank.shape[-1] - 1).flatten(2)).view_as(
+            neighbour_rank
+        )
+        neighbour_attention = attention.gather(-1, neighbours.flatten(2)).view_as(neighbours) * has_neighbour
         neighbour_mean = neighbour_attention.sum(-1) / has_neighbour.sum(-1).clamp(min=1)
-        p = merge_probability(before.stats[stat].gather(-1, slots), neighbour_mean)
+        p = merge_probability(attention.gather(-1, slots), neighbour_mean)
         heads = head_keys(config.seed, before.layer_idx, slots.shape[1], slots.device)
-        draw = uniform_at(heads, before.index.gather(-1, slots))
-        gate = (draw < p) & has_neighbour.any(-1)  # [b, h, e]
+        gate = (uniform_at(heads, before.index.gather(-1, slots)) < p) & has_neighbour.any(-1)  # [b, h, e]
         if is_evicted is not None:
             gate &= is_evicted
         d = before.values.shape[-1]
-        evicted_values = before.values.gather(2, slots.unsqueeze(-1).expand(-1, -1, -1, d))
-        contribution = torch.where(gate.unsqueeze(-1), evicted_values / m, 0.0)
-        contribution = contribution.unsqueeze(3).expand(-1, -1, -1, m, -1) * has_neighbour.unsqueeze(-1)
+        merged = before.values.gather(2, slots.unsqueeze(-1).expand(-1, -1, -1, d)).float()  # [b, h, e, d]
+        if slots.shape[-1] > 1:
+            merged = _cascade(merged, gate.float() / m, evicted_rank, m)
+        # Each gated value / m into its kept neighbours (the evicted ones took theirs in the cascade).
+        kept_slots = eviction.kept_slots  # [b, h, k], -1 for an empty slot of after
+        n = rank.shape[-1]
+        after_slot = torch.full((*kept_slots.shape[:2], n + 1), -1, dtype=torch.long, device=kept_slots.device)
+        after_slot = after_slot.scatter_(-1, torch.where(kept_slots >= 0, kept_slots, n), _slots(kept_slots))[..., :n]
+        targets = after_slot.gather(-1, neighbours.flatten(2)).view_as(neighbours)  # -1: not kept
+        hit = has_neighbour & (targets >= 0)
+        contribution = (merged * (gate.float() / m).unsqueeze(-1)).to(after.values.dtype)
+        contribution = contribution.unsqueeze(3).expand(-1, -1, -1, m, -1) * hit.unsqueeze(-1)
         after.values.scatter_add_(
-            2, neighbours.flatten(2, 3).unsqueeze(-1).expand(-1, -1, -1, d), contribution.flatten(2, 3)
+            2, targets.clamp(min=0).flatten(2, 3).unsqueeze(-1).expand(-1, -1, -1, d), contribution.flatten(2, 3)
         )
+
+
+def _slots(like: torch.Tensor) -> torch.Tensor:
+    """``0 .. n-1`` along the last dimension of ``like`` ``[b, h, n]``, expanded to its shape."""
+    return torch.arange(like.shape[-1], device=like.device).expand_as(like)
+
+
+def _cascade(values: torch.Tensor, weight: torch.Tensor, rank: torch.Tensor, m: int) -> torch.Tensor:
+    """Evicted values ``[b, h, e, d]`` (position order, present ranks ``rank`` ``[b, h, e]``) with what
+    earlier evictions of the same compression merged into them: ``x_l = v_l + sum_k weight_k x_k`` over
+    the earlier ``k`` whose rank is at most ``m`` below ``l``'s. Ranks strictly increase, so such a ``k``
+    is among the ``m`` evictions before ``l``: the system is solved ``m`` rows at a time, each block one
+    small triangular solve fed by the block before it."""
+    e = values.shape[2]
+    solved: list[torch.Tensor] = []
+    for start in range(0, e, m):
+        stop, low = min(start + m, e), max(start - m, 0)
+        # coupling[l, k] = weight_k when k feeds l, for rows l of the block and columns k in [low, stop)
+        gap = rank[..., start:stop].unsqueeze(-1) - rank[..., low:stop].unsqueeze(-2)  # [b, h, r, c]
+        coupling = ((gap >= 1) & (gap <= m)) * weight[..., low:stop].unsqueeze(-2)
+        rhs = values[..., start:stop, :]
+        if start:
+            rhs = rhs + coupling[..., : start - low] @ solved[-1]
+        eye = torch.eye(stop - start, device=values.device)
+        solved.append(torch.linalg.solve_triangular(eye - coupling[..., start - low :], rhs, upper=False))
+    return torch.cat(solved, dim=2)
