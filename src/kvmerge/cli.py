@@ -84,7 +84,7 @@ def parse_budget(text: str) -> int | float:
         ) from None
 
 
-def _positive_int(text: str) -> int:
+def positive_int(text: str) -> int:
     try:
         value = int(text)
     except ValueError:
@@ -283,13 +283,13 @@ def build_parser() -> argparse.ArgumentParser:
             help="entries kept per KV head: an int (256) or a fraction in (0, 1] (0.2 or 20%%); not for full",
         )
         sub.add_argument("--model", default="default", help="'default' (SmolLM2-135M-Instruct), a local path or hub id")
-        sub.add_argument("--chunk", type=_positive_int, default=chunk_default, help=chunk_help)
+        sub.add_argument("--chunk", type=positive_int, default=chunk_default, help=chunk_help)
         sub.add_argument("--seed", type=int, default=0, help="seed of the method's random choices (default 0)")
 
     def threads_option(sub: argparse.ArgumentParser) -> None:
         sub.add_argument(
             "--threads",
-            type=_positive_int,
+            type=positive_int,
             default=1,
             help="torch CPU threads (default 1: token-by-token steps are tiny, and more threads only add overhead)",
         )
@@ -299,7 +299,7 @@ def build_parser() -> argparse.ArgumentParser:
 
     sub = command("generate", "generate text greedily with a bounded cache, streamed to stdout", EPILOG_GENERATE)
     method_options(sub, None, "prompt tokens per compression step (default 32; 1 = token by token)")
-    sub.add_argument("--max-new-tokens", type=_positive_int, default=64, help="tokens to generate (default 64)")
+    sub.add_argument("--max-new-tokens", type=positive_int, default=64, help="tokens to generate (default 64)")
     sub.add_argument("--raw", action="store_true", help="do not apply the tokenizer's chat template")
     threads_option(sub)
     sub.add_argument("prompt", help="the prompt (the user message when the chat template applies)")
@@ -317,14 +317,14 @@ def build_parser() -> argparse.ArgumentParser:
         type=Path,
         help="directory holding wikitext2/wiki.test.raw (default $KVMERGE_DATA, ../shared/data)",
     )
-    sub.add_argument("--tokens", type=_positive_int, default=1024, help="tokens fed, BOS included (default 1024)")
+    sub.add_argument("--tokens", type=positive_int, default=1024, help="tokens fed, BOS included (default 1024)")
     sub.add_argument("--json", action="store_true", help="print one JSON object instead of a table")
     sub.add_argument("--no-progress", action="store_true", help="no progress bars on stderr")
     threads_option(sub)
     sub.set_defaults(func=_cmd_ppl)
 
     sub = command("demo", "compare the methods' perplexity and KV memory on the Paul Graham essays", EPILOG_DEMO)
-    sub.add_argument("--tokens", type=_positive_int, default=800, help="tokens fed one by one (default 800)")
+    sub.add_argument("--tokens", type=positive_int, default=800, help="tokens fed one by one (default 800)")
     sub.add_argument("--budget", type=parse_budget, default=0.2, help="budget of every method but full (default 0.2)")
     sub.add_argument("--out", type=Path, default=Path("runs") / "demo", help="output directory (default runs/demo)")
     sub.add_argument("--model", default="default", help="'default' (SmolLM2-135M-Instruct), a local path or hub id")
@@ -341,19 +341,19 @@ def build_parser() -> argparse.ArgumentParser:
     sub.add_argument("--budget", type=parse_budget, required=True, help="the selector's budget (int or fraction)")
     sub.add_argument("--model", default="default", help="'default' (SmolLM2-135M-Instruct), a local path or hub id")
     sub.add_argument("--out", type=Path, help="kernel directory (default ~/.cache/kvmerge/less/MODEL-METHOD-BUDGET)")
-    sub.add_argument("--sequences", type=_positive_int, default=8, help="training windows (default 8)")
-    sub.add_argument("--tokens", type=_positive_int, default=512, help="tokens per window (default 512)")
-    sub.add_argument("--steps", type=_positive_int, default=150, help="Adam steps per layer (default 150)")
+    sub.add_argument("--sequences", type=positive_int, default=8, help="training windows (default 8)")
+    sub.add_argument("--tokens", type=positive_int, default=512, help="tokens per window (default 512)")
+    sub.add_argument("--steps", type=positive_int, default=150, help="Adam steps per layer (default 150)")
     sub.add_argument("--seed", type=int, default=0, help="seed of the kernels' initialisation (default 0)")
     sub.add_argument("--data-dir", type=Path, help="data folder (default $KVMERGE_DATA or ../shared/data)")
     sub.add_argument("--no-progress", action="store_true", help="no progress bars on stderr")
-    sub.add_argument("--threads", type=_positive_int, default=2, help="torch CPU threads (default 2)")
+    sub.add_argument("--threads", type=positive_int, default=2, help="torch CPU threads (default 2)")
     sub.set_defaults(func=_cmd_train_less)
 
     sub = command("calibrate-kvmerger", "find KVMerger's similarity threshold for a model", EPILOG_CALIBRATE)
     sub.add_argument("--target", type=float, required=True, help="fraction of entries merging alone keeps, (0, 1)")
     sub.add_argument("--model", default="default", help="'default' (SmolLM2-135M-Instruct), a local path or hub id")
-    sub.add_argument("--tokens", type=_positive_int, default=1024, help="tokens of held-out text (default 1024)")
+    sub.add_argument("--tokens", type=positive_int, default=1024, help="tokens of held-out text (default 1024)")
     sub.add_argument("--data-dir", type=Path, help="data folder (default $KVMERGE_DATA or ../shared/data)")
     threads_option(sub)
     sub.set_defaults(func=_cmd_calibrate)

@@ -44,6 +44,8 @@ from pathlib import Path
 
 import torch
 
+from kvmerge.cli import positive_int
+
 # Targets of issue 5 (ratios measured in one run): name -> (threshold, comparison).
 OVERHEAD_LIMIT = 1.10  # decode ms/token at any stream length <= 1.10 x full at context B
 CAM_TIME_LIMIT = 0.05  # CaM on top of its selector: <= 5% extra decode time
@@ -1022,15 +1024,17 @@ def add_bench_command(subparsers: argparse._SubParsersAction) -> argparse.Argume
         default=defaults.budget,
         help="entries kept per KV head: a fraction of each context (0.2 or 20%%) or a count (256)",
     )
-    parser.add_argument("--steps", type=_count, default=defaults.steps, help="decoding steps timed per point (32)")
+    parser.add_argument(
+        "--steps", type=positive_int, default=defaults.steps, help="decoding steps timed per point (32)"
+    )
     parser.add_argument(
         "--chunk",
-        type=_count,
+        type=positive_int,
         default=defaults.chunk,
         help="prompt tokens per forward call and per compression step (256)",
     )
     parser.add_argument("--model", default=defaults.model, help="'default' (SmolLM2-135M-Instruct), a path or a hub id")
-    parser.add_argument("--threads", type=_count, default=defaults.threads, help="torch threads per process (1)")
+    parser.add_argument("--threads", type=positive_int, default=defaults.threads, help="torch threads per process (1)")
     parser.add_argument(
         "--profile",
         action="store_true",
@@ -1044,19 +1048,19 @@ def add_bench_command(subparsers: argparse._SubParsersAction) -> argparse.Argume
     )
     parser.add_argument(
         "--stream-budget",
-        type=_count,
+        type=positive_int,
         default=defaults.stream_budget,
         help="entries per KV head kept by the stream (1024)",
     )
     parser.add_argument(
         "--stream-chunk",
-        type=_count,
+        type=positive_int,
         default=defaults.stream_chunk,
         help="tokens per compression step of the stream (32)",
     )
     parser.add_argument(
         "--stream-segment",
-        type=_count,
+        type=positive_int,
         default=defaults.stream_segment,
         help="tokens per forward call of the stream, one measurement each (1024)",
     )
@@ -1070,13 +1074,13 @@ def add_bench_command(subparsers: argparse._SubParsersAction) -> argparse.Argume
     )
     parser.add_argument(
         "--kvpress-context",
-        type=_count,
+        type=positive_int,
         default=defaults.kvpress_context,
         help="prompt tokens of the kvpress comparison (1024)",
     )
     parser.add_argument(
         "--kvpress-tokens",
-        type=_count,
+        type=positive_int,
         default=defaults.kvpress_tokens,
         help="continuation tokens scored in the kvpress comparison (64)",
     )
@@ -1178,22 +1182,12 @@ def _run_command(args: argparse.Namespace, parser: argparse.ArgumentParser) -> i
     return 0
 
 
-def _count(text: str) -> int:
-    try:
-        value = int(text)
-    except ValueError:
-        raise argparse.ArgumentTypeError(f"expected a positive integer, got {text!r}") from None
-    if value < 1:
-        raise argparse.ArgumentTypeError(f"expected a positive integer, got {text!r}")
-    return value
-
-
 def _count_or_zero(text: str) -> int:
-    return 0 if text.strip() == "0" else _count(text)
+    return 0 if text.strip() == "0" else positive_int(text)
 
 
 def _count_list(text: str) -> list[int]:
-    values = [_count(t.strip()) for t in text.split(",") if t.strip()]
+    values = [positive_int(t.strip()) for t in text.split(",") if t.strip()]
     if not values:
         raise argparse.ArgumentTypeError(f"expected a comma list of positive integers, got {text!r}")
     return values
