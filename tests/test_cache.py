@@ -278,3 +278,11 @@ def test_position_shift_is_identity_without_eviction(llama):
 def test_position_shift_needs_rope():
     with pytest.raises(ValueError, match="needs rotary position embeddings"):
         kvmerge.make_cache(tiny_model("opt"), "streaming", 10, position_shift=True)
+
+
+def test_a_compressed_cache_cannot_be_cropped(llama):
+    cache = kvmerge.make_cache(llama, "h2o", budget=8, chunk_size=4)
+    with torch.no_grad():
+        llama(ids_of(20), past_key_values=cache)
+    with pytest.raises(RuntimeError, match="cannot be rolled back"):
+        cache.crop(10)

@@ -137,7 +137,7 @@ class KVMergeLayer(CacheLayerMixin):
         self._map_batch(lambda t: t[indices])
 
     def crop(self, tokens_to_remove: int) -> None:
-        raise NotImplementedError("a compressed cache cannot be rolled back (assisted decoding needs DynamicCache)")
+        raise RuntimeError("a compressed cache cannot be rolled back (assisted decoding needs DynamicCache)")
 
     # kvmerge -----------------------------------------------------------------------------
 
