@@ -191,9 +191,10 @@ def test_qa_end_to_end(tiny, tmp_path):
 
 
 @needs_data
-def test_summarization_end_to_end(tiny, tmp_path):
+@pytest.mark.parametrize("dataset", ["xsum", "cnn_dailymail"])
+def test_summarization_end_to_end(tiny, tmp_path, dataset):
     records = summarization.run_summarization(
-        *tiny, "xsum", ["full", "streaming"], [0.5], [0], limit=2, out_dir=tmp_path, max_new_tokens=6, batch_size=2
+        *tiny, dataset, ["full", "streaming"], [0.5], [0], limit=2, out_dir=tmp_path, max_new_tokens=6, batch_size=2
     )
     assert [r["method"] for r in records] == ["full", "streaming"]
     payload = read_results(tmp_path)
