@@ -1,17 +1,16 @@
-"""The cache's fast paths (issue 5): the decoding step's one-entry eviction equals the full ranking, the
-buffers keep room for one step so that appending does not reallocate the cache, and CaM given the
-evicted slots merges exactly as when it finds them itself."""
+"""The cache's fast paths (issue 5): the decoding step's one-entry eviction equals the full ranking, in
+any slot order; evicting in place (no compaction) holds exactly what compaction holds, step after step;
+the buffers keep room for one step so that appending does not reallocate the cache; and CaM's
+one-eviction path merges exactly as its general path."""
 
 from __future__ import annotations
-
-import dataclasses
 
 import pytest
 import torch
 
 import kvmerge
 from kvmerge.cache import KVMergeLayer
-from kvmerge.method import Eviction
+from kvmerge.method import Entries, Eviction
 from tests.conftest import VOCAB, tiny_model
 
 
@@ -37,7 +36,8 @@ def test_dropping_one_entry_equals_the_stable_ranking(seed):
     scores = torch.randint(0, 4, (2, 3, 17), generator=generator).float()  # many ties
     scores[..., :2] = float("inf")  # protected entries
     assert layer._one_over_budget(17)
-    kept_slots, slots, evicted, dropped = layer._drop_one(scores)
+    dropped = layer._lowest(scores, layer.index)
+    kept_slots, slots, evicted, _ = layer._drop(dropped, 17)
     ranked_kept, ranked_slots, ranked_evicted, _ = layer._rank(scores, layer.index)
     assert torch.equal(kept_slots, ranked_kept) and torch.equal(slots, ranked_slots)
     assert torch.equal(evicted(), ranked_evicted())
@@ -46,13 +46,65 @@ def test_dropping_one_entry_equals_the_stable_ranking(seed):
         for h in range(3):
             row = scores[b, h]
             assert int(dropped[b, h, 0]) == int(torch.nonzero(row == row.min()).max())
+    # the same position goes whatever the order of the slots
+    shuffle = torch.randperm(17, generator=generator).expand(2, 3, 17)
+    shuffled = layer._lowest(scores.gather(-1, shuffle), layer.index.gather(-1, shuffle))
+    assert torch.equal(shuffle.gather(-1, shuffled), dropped)
 
 
 def test_a_selector_scoring_minus_infinity_falls_back_to_the_ranking():
     layer = layer_over_budget("h2o", budget=8)
     scores = torch.rand(2, 3, 9)
     scores[0, 0, 3] = scores[0, 0, 5] = float("-inf")  # evict both, though only one is over budget
-    assert layer._drop_one(scores) is None
+    assert layer._lowest(scores, layer.index) is None
+
+
+def by_position(layer: KVMergeLayer) -> dict[str, torch.Tensor]:
+    """The layer's per-entry tensors with every row's slots sorted by position."""
+    order = layer.index.argsort(dim=-1)
+    tensors = {"index": layer.index, "keys": layer.keys, "values": layer.values, **layer.stats}
+    return {
+        name: t.gather(2, order.view(*order.shape, *(1,) * (t.dim() - 3)).expand_as(t)) for name, t in tensors.items()
+    }
+
+
+@pytest.mark.parametrize(
+    "method", ["streaming", "streaming+cam", "h2o", "h2o+cam", "tova", "scissorhands", "knorm", "random"]
+)
+def test_evicting_in_place_holds_what_compaction_holds(method):
+    """Decoding one token at a time, then a chunk (which ranks several entries after in-place steps):
+    the in-place cache holds, position by position, what the compacting cache holds, and the logits agree."""
+    model = tiny_model("llama")
+    ids = torch.randint(0, VOCAB, (2, 80), generator=torch.Generator().manual_seed(2))
+    caches = [kvmerge.make_cache(model, method, 12, chunk_size=4) for _ in range(2)]
+    for layer in caches[1].layers:
+        layer._evicts_in_place = False
+    outputs = [[], []]
+    with torch.no_grad():
+        for cache, logits in zip(caches, outputs, strict=True):
+            logits.append(model(ids[:, :20], past_key_values=cache).logits)
+            for t in range(20, 60):
+                logits.append(model(ids[:, t : t + 1], past_key_values=cache).logits)
+            assert not all(layer.ordered for layer in cache.layers) or cache is caches[1]
+            logits.append(model(ids[:, 60:80], past_key_values=cache).logits)
+    for fast, slow in zip(*outputs, strict=True):
+        torch.testing.assert_close(fast, slow, atol=1e-5, rtol=1e-5)
+    for fast, slow in zip(caches[0].layers, caches[1].layers, strict=True):
+        assert fast.keys.shape == slow.keys.shape == (2, 2, 12, 16)
+        for name, tensor in by_position(fast).items():
+            torch.testing.assert_close(tensor, by_position(slow)[name], atol=1e-5, rtol=1e-5, msg=name)
+
+
+def test_evicting_in_place_copies_two_entries_per_row():
+    layer = layer_over_budget("h2o", budget=6, heads=2, batch=1)
+    layer.stats["accumulated_attention"] = torch.tensor([[[9.0, 5, 1, 7, 8, 6, 4], [9.0, 0.5, 3, 7, 8, 6, 4]]])
+    keys = layer.keys.clone()
+    layer._step_rows = 1
+    layer.compress()  # h2o keeps 3 recent (4, 5, 6) and the heaviest of 0-3: drops 2 (head 0) and 1 (head 1)
+    assert layer.index[0].tolist() == [[0, 1, 6, 3, 4, 5], [0, 6, 2, 3, 4, 5]]
+    assert torch.equal(layer.keys[0, 0], keys[0, 0, [0, 1, 6, 3, 4, 5]])
+    assert layer.stats["accumulated_attention"][0, 1].tolist() == [9.0, 4, 3, 7, 8, 6]
+    assert not layer.ordered
 
 
 def test_decoding_holds_the_budget_with_room_for_one_entry():
@@ -80,7 +132,7 @@ def test_appending_writes_into_the_room_in_place():
     layer._append(new, new, torch.ones(1, 1, dtype=torch.bool), padded=False)
     assert layer.keys.data_ptr() == keys.data_ptr()  # same buffer: no reallocation
     assert torch.equal(layer.keys[:, :, :6], keys) and torch.equal(layer.keys[:, :, 6:], new)
-    assert layer.index[0, 0].tolist() == [0, 1, 2, 3, 5, 6, 7]
+    assert layer.index[0, 0].tolist() == [0, 1, 2, 3, 6, 5, 7]  # position 4 went, 6 took its slot
 
 
 def test_room_is_kept_for_decoding_only():
@@ -98,30 +150,23 @@ def test_room_is_kept_for_decoding_only():
     assert layer.keys.untyped_storage().nbytes() == 21 * entry
 
 
-def test_cam_given_the_evicted_slots_merges_as_when_it_finds_them():
+@pytest.mark.parametrize("seed", range(3))
+def test_cam_one_eviction_path_merges_as_its_general_path(seed):
     layer = layer_over_budget("h2o+cam", budget=12, batch=2)
-    layer.stats["accumulated_attention"] = torch.rand(2, 3, 13, generator=torch.Generator().manual_seed(3))
-    captured = []
-    absorb = type(layer.method.absorber).absorb
-
-    def capture(self, eviction, config):
-        captured.append(eviction)
-        absorb(self, eviction, config)
-
-    try:
-        type(layer.method.absorber).absorb = capture
-        before_values = layer.values.clone()
-        layer._step_rows = 1
-        layer.compress()
-    finally:
-        type(layer.method.absorber).absorb = absorb
-    (eviction,) = captured
-    assert eviction.evicted_slots is not None and eviction.evicted_slots.shape == (2, 3, 1)
-    merged_fast = layer.values.clone()
-    # the same eviction, the absorber left to find the evicted slots itself
-    after = dataclasses.replace(eviction.after, values=before_values.gather(
-        2, eviction.kept_slots.unsqueeze(-1).expand(-1, -1, -1, 4)))  # fmt: skip
-    slow = Eviction(eviction.before, after, eviction.kept_slots, eviction.evicted, {}, None)
-    layer.method.absorber.absorb(slow, layer.method.config)
-    assert torch.equal(after.values, merged_fast)
-    assert not torch.equal(merged_fast, before_values[:, :, :12])
+    layer.stats["accumulated_attention"] = torch.rand(2, 3, 13, generator=torch.Generator().manual_seed(seed))
+    before = layer.entries
+    scores = layer.stats["accumulated_attention"].clone()
+    scores[..., :2] = float("inf")
+    dropped = layer._lowest(scores, before.index)
+    kept_slots, _, evicted, _ = layer._drop(dropped, 13)
+    pick = kept_slots.unsqueeze(-1).expand(-1, -1, -1, 4)
+    results = []
+    for slots in (dropped, None):  # the one-eviction path, then the general one (finds the slots itself)
+        after = Entries(
+            before.keys.gather(2, pick), before.values.gather(2, pick), before.index.gather(-1, kept_slots),
+            {name: v.gather(-1, kept_slots) for name, v in before.stats.items()}, before.seen, 0,
+        )  # fmt: skip
+        layer.method.absorber.absorb(Eviction(before, after, kept_slots, evicted(), {}, slots), layer.method.config)
+        results.append(after.values)
+    assert torch.equal(results[0], results[1])
+    assert not torch.equal(results[0], before.values.gather(2, pick))  # something merged

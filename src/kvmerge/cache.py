@@ -50,10 +50,15 @@ class KVMergeLayer(CacheLayerMixin):
     ``[batch, kv_heads, n]``). ``seen`` counts every token the layer was given (padding included),
     which is what transformers derives positions from; ``n`` counts what is kept.
 
-    Memory: while decoding (steps of one token), a compressing layer's ``keys`` and ``values`` are
-    views of the first ``n`` entries of buffers with room for one more entry, so that appending the
-    next token writes into that room instead of reallocating the whole cache; each compression
-    gathers the kept entries into fresh buffers, again with room for one token.
+    Memory: while decoding (steps of one token), a compressing layer's per-entry tensors (keys,
+    values, positions, statistics) are views of the first ``n`` entries of buffers with room for one
+    more entry, so that appending the next token writes into that room instead of reallocating the
+    cache. A decoding step that puts every row one entry over budget then evicts in place: each row's
+    evicted entry swaps slots with the newest entry and the last slot becomes the room again, so
+    nothing is copied but two entries per row. Slots then drift out of position order (``index``
+    says each entry's position); a compression that evicts several entries, or a method that needs
+    position order (:attr:`~kvmerge.method.Method.needs_position_order`), gathers the kept entries
+    in position order into fresh buffers.
     """
 
     is_sliding = False
@@ -90,8 +95,10 @@ class KVMergeLayer(CacheLayerMixin):
         # evicted_at[b, h, p]: the step (position of the newest token) after which position p left the cache
         self.evicted_at = torch.empty(batch, heads, 0, dtype=torch.long, device=self.device)
         self.since_compression = 0
-        self._buffers: tuple[torch.Tensor, torch.Tensor] | None = None  # what keys/values are views of
+        self._buffers: dict[str, torch.Tensor] = {}  # what the per-entry tensors are views of, by name
         self._step_rows = 0  # rows of the last step appended
+        self.ordered = True  # whether slots are in position order
+        self._evicts_in_place = self.key_rotation is None and not self.method.needs_position_order
         self.is_initialized = True
 
     def update(
@@ -197,39 +204,74 @@ class KVMergeLayer(CacheLayerMixin):
         if absorber is not None and self.compressions == 0:
             before = absorber.merge(before, (before.index >= 0) & ~protected, self.method.config)
         scores = self.method.selector.scores(before, self.method.config).float().masked_fill(protected, float("inf"))
+        n = before.index.shape[-1]
         # Decoding puts one entry over budget: drop the lowest without ranking the rest.
-        chosen = self._drop_one(scores) if self._one_over_budget(before.index.shape[-1]) else None
-        kept_slots, slots, evicted, evicted_slots = chosen or self._rank(scores, before.index)
-        # Gather the kept entries (in position order) into fresh tensors, with room for the next step.
+        dropped = self._lowest(scores, before.index) if self._one_over_budget(n) else None
+        if dropped is not None and self._evicts_in_place:
+            self._evict_in_place(before, dropped)
+            return
+        if not self.ordered:  # in-place evictions came before: rank in position order
+            before, scores = self._reorder(scores)
+        chosen = self._drop(dropped, n) if dropped is not None else self._rank(scores, before.index)
+        kept_slots, slots, evicted, evicted_slots = chosen
+        # Gather the kept entries (in position order) into fresh buffers, with room for the next step.
         kept, room = slots.shape[-1], int(self._step_rows == 1)  # decoding: room for the next token
         if room:
             slots = torch.cat([slots, slots[..., -1:].expand(*slots.shape[:2], room)], dim=-1)
         rows = _RowPicker(slots)
-        keys = rows.pick(self._gatherable(before.keys, 0))
-        values = rows.pick(self._gatherable(before.values, 1))
-        has_empty = chosen is None and bool((kept_slots < 0).any())
-        index = rows.pick(before.index)[:, :, :kept]
-        after = Entries(
-            keys=keys[:, :, :kept],
-            values=values[:, :, :kept],
-            index=torch.where(kept_slots >= 0, index, -1) if has_empty else index,
-            stats={name: rows.pick(value)[:, :, :kept] for name, value in before.stats.items()},
-            seen=before.seen,
-            layer_idx=self.layer_idx,
-        )
-        if absorber is not None:
-            eviction = Eviction(before, after, kept_slots, evicted(), self.absorber_state, evicted_slots)
-            absorber.absorb(eviction, self.method.config)
-        if self.record_evictions:
-            self._record(before.index, evicted())
-        self.keys, self.values, self.index, self.stats = after.keys, after.values, after.index, after.stats
-        self._buffers = (keys, values)
+        self._buffers = {name: rows.pick(self._gatherable(name, t)) for name, t in self._named(before).items()}
+        held = {name: buffer.narrow(2, 0, kept) for name, buffer in self._buffers.items()}
+        has_empty = dropped is None and bool((kept_slots < 0).any())
+        if has_empty:
+            held["index"] = torch.where(kept_slots >= 0, held["index"], -1)
+        self._finish(held, lambda: Eviction(
+            before, self._entries(held), kept_slots, evicted(), self.absorber_state, evicted_slots
+        ))  # fmt: skip
         self.has_empty = has_empty
         if self.key_rotation is not None:
-            self.rotated_at = rows.pick(self.rotated_at)[:, :, :kept]
             self._shift_positions()
+
+    def _evict_in_place(self, before: Entries, dropped: torch.Tensor) -> None:
+        """Evict each row's ``dropped`` slot ``[b, h, 1]`` without compaction: swap it with the last slot
+        (the newest entry) in every per-entry tensor and let the buffers keep that slot as room."""
+        n = before.index.shape[-1]
+        last = torch.full_like(dropped, n - 1)
+        pair, swapped = torch.cat([dropped, last], dim=-1), torch.cat([last, dropped], dim=-1)
+        named = self._named(before)
+        for tensor in named.values():
+            _swap(tensor, pair, swapped)
+        held = {name: tensor.narrow(2, 0, n - 1) for name, tensor in named.items()}
+
+        def eviction() -> Eviction:
+            rows = dropped.shape[:2]
+            kept_slots = torch.arange(n - 1, device=self.device).expand(*rows, n - 1)
+            evicted = torch.arange(n, device=self.device).expand(*rows, n) == n - 1
+            return Eviction(before, self._entries(held), kept_slots, evicted, self.absorber_state, last, False)
+
+        self._finish(held, eviction)
+        self._buffers.update(named)  # the evicted entries' slots are the room for the next step
+        self.ordered = False
+
+    def _finish(self, held: dict[str, torch.Tensor], eviction: Callable[[], Eviction]) -> None:
+        """Hand the ``eviction`` (built only if needed) to the absorber and the eviction record, then
+        hold the kept per-entry tensors ``held``."""
+        if self.method.absorber is not None or self.record_evictions:
+            done = eviction()
+            if self.method.absorber is not None:
+                self.method.absorber.absorb(done, self.method.config)
+            if self.record_evictions:
+                self._record(done.before.index, done.evicted)
+        self._hold(held)
         self.since_compression = 0
         self.compressions += 1
+
+    def _reorder(self, scores: torch.Tensor) -> tuple[Entries, torch.Tensor]:
+        """Put the slots back in position order, and ``scores`` ``[b, h, n]`` with them."""
+        rows = _RowPicker(self.index.argsort(dim=-1))
+        self._hold({name: rows.pick(self._gatherable(name, t)) for name, t in self._named(self.entries).items()})
+        self._buffers = {}
+        self.ordered = True
+        return self.entries, rows.pick(scores)
 
     def _one_over_budget(self, n: int) -> bool:
         """Whether every row holds exactly its budget plus one valid entry (the decoding step)."""
@@ -241,18 +283,23 @@ class KVMergeLayer(CacheLayerMixin):
             and self.compressions > 0  # an absorber's merge (first compression only) may empty slots
         )
 
-    def _drop_one(self, scores: torch.Tensor) -> tuple | None:
-        """Drop each row's lowest entry, the newest among equal scores (what the stable ranking of
-        :meth:`_rank` drops); ``None`` when a selector scores an entry ``-inf`` (evict regardless).
-        Returns what :meth:`_rank` does, and the dropped slots ``[b, h, 1]``."""
-        lowest = scores.flip(-1).min(dim=-1)  # min returns the first lowest: in the flipped row, the newest
-        if bool(lowest.values.isneginf().any()):
+    @staticmethod
+    def _lowest(scores: torch.Tensor, index: torch.Tensor) -> torch.Tensor | None:
+        """Each row's lowest-scored slot ``[b, h, 1]``, the newest among equal scores (what the stable
+        ranking of :meth:`_rank` drops), in any slot order; ``None`` when a selector scores an entry
+        ``-inf`` (evict regardless)."""
+        lowest = scores.amin(dim=-1, keepdim=True)
+        if bool(lowest.isneginf().any()):
             return None
-        n = scores.shape[-1]
-        dropped = (n - 1 - lowest.indices).unsqueeze(-1)  # [b, h, 1]
-        kept = torch.arange(n - 1, device=scores.device)
+        return torch.where(scores == lowest, index, -1).argmax(dim=-1, keepdim=True)
+
+    @staticmethod
+    def _drop(dropped: torch.Tensor, n: int) -> tuple:
+        """What :meth:`_rank` returns when each row of ``n`` slots in position order drops ``dropped``
+        ``[b, h, 1]``, and ``dropped``."""
+        kept = torch.arange(n - 1, device=dropped.device)
         kept_slots = kept + (kept >= dropped)  # [b, h, n - 1], in position order
-        return kept_slots, kept_slots, lambda: torch.arange(n, device=scores.device) == dropped, dropped
+        return kept_slots, kept_slots, lambda: torch.arange(n, device=dropped.device) == dropped, dropped
 
     def _rank(self, scores: torch.Tensor, index: torch.Tensor) -> tuple:
         """Keep each row's best ``budget`` valid entries by ``scores``: the kept slots in position order
@@ -280,13 +327,34 @@ class KVMergeLayer(CacheLayerMixin):
 
         return kept_slots, slots, evicted, None
 
-    def _gatherable(self, held: torch.Tensor, which: int) -> torch.Tensor:
-        """``held`` (keys or values, ``which`` = 0 or 1) as a contiguous tensor whose first entries per row
-        are ``held``'s: the buffer it is a view of (entries past ``held`` are never picked), else a copy."""
-        buffer = None if self._buffers is None else self._buffers[which]
+    def _gatherable(self, name: str, held: torch.Tensor) -> torch.Tensor:
+        """``held`` (the per-entry tensor ``name``) as a contiguous tensor whose first entries per row are
+        ``held``'s: the buffer it is a view of (entries past ``held`` are never picked), else a copy."""
+        buffer = self._buffers.get(name)
         if buffer is not None and _is_prefix_view(held, buffer):
             return buffer
         return held.contiguous()
+
+    def _named(self, entries: Entries) -> dict[str, torch.Tensor]:
+        """Every per-entry tensor ``[batch, kv_heads, n, ...]`` of ``entries`` by name (with this layer's
+        rotation state when it shifts positions)."""
+        named = {"keys": entries.keys, "values": entries.values, "index": entries.index}
+        named.update((f"stats.{name}", value) for name, value in entries.stats.items())
+        if self.key_rotation is not None:
+            named["rotated_at"] = self.rotated_at
+        return named
+
+    def _entries(self, named: dict[str, torch.Tensor]) -> Entries:
+        """The :class:`Entries` of per-entry tensors by name (the inverse of :meth:`_named`)."""
+        stats = {name: named[f"stats.{name}"] for name in self.stats}
+        return Entries(named["keys"], named["values"], named["index"], stats, self.valid_seen, self.layer_idx)
+
+    def _hold(self, named: dict[str, torch.Tensor]) -> None:
+        """Make the per-entry tensors by name (see :meth:`_named`) the layer's."""
+        entries = self._entries(named)
+        self.keys, self.values, self.index, self.stats = entries.keys, entries.values, entries.index, entries.stats
+        if self.key_rotation is not None:
+            self.rotated_at = named["rotated_at"]
 
     def _record(self, index: torch.Tensor, evicted: torch.Tensor) -> None:
         """Note in ``evicted_at`` which positions ``index`` ``[b, h, n]`` were just ``evicted``."""
@@ -343,21 +411,22 @@ class KVMergeLayer(CacheLayerMixin):
         else:  # every token of the call is real
             self._step_index = self.valid_seen.view(-1, 1) + torch.arange(rows, device=self.device)
         index = self._step_index.unsqueeze(1).expand(batch, heads, rows)
-        if self.method.selector.compresses:
-            room = int(rows == 1)
-            self.keys, key_buffer = _extend(self.keys, keys, self._buffers and self._buffers[0], room)
-            self.values, value_buffer = _extend(self.values, values, self._buffers and self._buffers[1], room)
-            self._buffers = (key_buffer, value_buffer)
-        else:  # as DynamicCache: no room kept
-            self.keys = torch.cat([self.keys, keys], dim=-2)
-            self.values = torch.cat([self.values, values], dim=-2)
-        self._step_rows = rows
-        self.index = torch.cat([self.index, index], dim=-1)
-        if self.key_rotation is not None:
-            self.rotated_at = torch.cat([self.rotated_at, index], dim=-1)
+        new = {"keys": keys, "values": values, "index": index}
         for stat in self.method.statistics:
-            fresh = torch.zeros(batch, heads, rows, dtype=stat.dtype, device=self.device)
-            self.stats[stat.name] = torch.cat([self.stats[stat.name], fresh], dim=-1)
+            new[f"stats.{stat.name}"] = torch.zeros(batch, heads, rows, dtype=stat.dtype, device=self.device)
+        if self.key_rotation is not None:
+            new["rotated_at"] = index
+        held = self._named(self.entries)
+        if self.method.selector.compresses:
+            # Decoding keeps room for the next token while under budget; over it, this step's eviction
+            # frees a slot (in place) or compaction makes fresh buffers.
+            room = int(rows == 1 and self.index.shape[-1] + rows <= self.budget_max)
+            for name, fresh in new.items():
+                held[name], self._buffers[name] = _extend(held[name], fresh, self._buffers.get(name), room)
+        else:  # as DynamicCache: no room kept
+            held = {name: torch.cat([held[name], fresh], dim=2) for name, fresh in new.items()}
+        self._hold(held)
+        self._step_rows = rows
         self.valid_seen += valid.sum(-1) if padded else rows
         self.seen += rows
         self.since_compression += rows
@@ -450,7 +519,7 @@ class KVMergeLayer(CacheLayerMixin):
         self.keys, self.values, self.index, self.rotated_at = map(
             fn, (self.keys, self.values, self.index, self.rotated_at)
         )
-        self._buffers = None
+        self._buffers = {}
         self.stats = {name: fn(value) for name, value in self.stats.items()}
         self.valid_seen = fn(self.valid_seen)
         self.absorber_state = {name: fn(value) for name, value in self.absorber_state.items()}
@@ -537,6 +606,15 @@ def _extend(
     buffer[:, :, :n] = held
     buffer[:, :, n : n + r] = new
     return buffer[:, :, : n + r], buffer
+
+
+def _swap(tensor: torch.Tensor, pair: torch.Tensor, swapped: torch.Tensor) -> None:
+    """Swap, in place, the two entries ``pair`` ``[b, h, 2]`` of each row of ``tensor`` ``[b, h, n, ...]``
+    (``swapped`` is ``pair`` reversed)."""
+    if tensor.dim() > 3:
+        tail = tensor.shape[3:]
+        pair, swapped = (t.view(*t.shape, *(1,) * len(tail)).expand(*t.shape, *tail) for t in (pair, swapped))
+    tensor.scatter_(2, swapped, tensor.gather(2, pair))
 
 
 def _new_token_validity(

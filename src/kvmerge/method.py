@@ -48,13 +48,21 @@ class Entries:
 class Eviction:
     """One compression of a layer: ``before`` shrank to ``after``.
 
+    Slots are in position order in every compression but one: a decoding step that evicts one entry
+    per row from a method that does not need position order (see ``Selector.needs_position_order``)
+    swaps the evicted entry with the newest one, in the last slot, and drops that slot instead of
+    compacting the cache. ``before`` is then the swapped layout (the evicted entry last), ``after``
+    its first ``n - 1`` slots (views of the same buffers), and slots of a long decoded cache are in
+    no particular order; ``index`` always says each entry's position.
+
     Attributes
     ----------
     before, after:
-        The entries before and after; ``after`` is mutable in place (its tensors are fresh).
+        The entries before and after; ``after``'s values may be changed in place (write nothing
+        into ``before``'s evicted slots).
     kept_slots:
-        ``[batch, kv_heads, k]`` int64 slot in ``before`` of each entry of ``after``, in position
-        order; ``-1`` for an empty slot (these come first).
+        ``[batch, kv_heads, k]`` int64 slot in ``before`` of each entry of ``after``; ``-1`` for an
+        empty slot (these come first).
     evicted:
         ``[batch, kv_heads, n]`` bool, the valid entries of ``before`` that were evicted.
     state:
@@ -62,6 +70,8 @@ class Eviction:
     evicted_slots:
         ``[batch, kv_heads, e]`` int64 slots in ``before`` of the evicted entries in position order,
         when every row evicted the same number ``e`` (decoding: one); else ``None``.
+    ordered:
+        Whether ``before``'s slots are in position order (always, unless ``e`` is one).
     """
 
     before: Entries
@@ -70,6 +80,7 @@ class Eviction:
     evicted: torch.Tensor
     state: dict[str, torch.Tensor] = field(default_factory=dict)
     evicted_slots: torch.Tensor | None = None
+    ordered: bool = True
 
 
 class Selector(ABC):
@@ -86,6 +97,7 @@ class Selector(ABC):
     compresses: ClassVar[bool] = True
     adaptive: ClassVar[bool] = False  # data-dependent size: the budget is an optional cap
     schedule: ClassVar[str | None] = None  # the only schedule the selector supports, if any
+    needs_position_order: ClassVar[bool] = False  # whether scores() reads neighbouring slots as positions
 
     def statistics(self, config: CompressionConfig) -> tuple[Statistic, ...]:
         """Statistics this selector reads."""
@@ -109,6 +121,7 @@ class Absorber:
     description: ClassVar[str]
     schedule: ClassVar[str | None] = None  # the only schedule the absorber supports, if any
     attends: ClassVar[bool] = False  # whether state_attention contributes
+    needs_position_order: ClassVar[bool] = False  # whether absorb() needs ``before`` in position order
 
     def statistics(self, config: CompressionConfig) -> tuple[Statistic, ...]:
         """Statistics this absorber reads."""
@@ -151,6 +164,11 @@ class Method:
     @property
     def name(self) -> str:
         return self.selector.name + (f"+{self.absorber.name}" if self.absorber else "")
+
+    @property
+    def needs_position_order(self) -> bool:
+        """Whether the cache must keep slots in position order (else decoding evicts in place)."""
+        return self.selector.needs_position_order or bool(self.absorber and self.absorber.needs_position_order)
 
     @property
     def needs_attention(self) -> bool:

@@ -39,6 +39,36 @@ class CaM(Absorber):
         return (AccumulatedAttention(config.gqa),)
 
     def absorb(self, eviction: Eviction, config: CompressionConfig) -> None:
+        slots = eviction.evicted_slots
+        if slots is not None and slots.shape[-1] == 1:
+            self._absorb_one(eviction, config)
+        else:
+            self._absorb_several(eviction, config)
+
+    def _absorb_one(self, eviction: Eviction, config: CompressionConfig) -> None:
+        """One eviction per row (decoding), in any slot order: N is the ``m`` kept entries with the
+        next positions, found in ``after`` by position."""
+        before, after, m = eviction.before, eviction.after, config.merge_window
+        slot = eviction.evicted_slots  # [b, h, 1]
+        position = before.index.gather(-1, slot)
+        later = torch.where(after.index > position, after.index, _FAR)  # [b, h, k]
+        nearest = later.topk(min(m, later.shape[-1]), dim=-1, largest=False)
+        neighbours, has_neighbour = nearest.indices.unsqueeze(2), (nearest.values < _FAR).unsqueeze(2)  # [b, h, 1, m]
+        attention = before.stats[AccumulatedAttention.name]
+        gate = _gate(
+            attention.gather(-1, slot),
+            after.stats[AccumulatedAttention.name].gather(-1, nearest.indices).unsqueeze(2),
+            has_neighbour,
+            position,
+            before.layer_idx,
+            config.seed,
+        )
+        d = before.values.shape[-1]
+        merged = before.values.gather(2, slot.unsqueeze(-1).expand(-1, -1, -1, d)).float()  # [b, h, 1, d]
+        _scatter(after.values, merged, gate, neighbours, has_neighbour, m)
+
+    def _absorb_several(self, eviction: Eviction, config: CompressionConfig) -> None:
+        """Any evictions, ``before`` in position order: each merges in position order (see the module)."""
         before, after, m = eviction.before, eviction.after, config.merge_window
         attention = before.stats[AccumulatedAttention.name]
         # Evicted slots per row in position order (padded with slots that were not evicted): [b, h, e].
@@ -61,11 +91,11 @@ class CaM(Absorber):
         neighbours = slot_of_rank.gather(-1, neighbour_rank.clamp(max=rank.shape[-1] - 1).flatten(2)).view_as(
             neighbour_rank
         )
-        neighbour_attention = attention.gather(-1, neighbours.flatten(2)).view_as(neighbours) * has_neighbour
-        neighbour_mean = neighbour_attention.sum(-1) / has_neighbour.sum(-1).clamp(min=1)
-        p = merge_probability(attention.gather(-1, slots), neighbour_mean)
-        heads = head_keys(config.seed, before.layer_idx, slots.shape[1], slots.device)
-        gate = (uniform_at(heads, before.index.gather(-1, slots)) < p) & has_neighbour.any(-1)  # [b, h, e]
+        neighbour_attention = attention.gather(-1, neighbours.flatten(2)).view_as(neighbours)
+        positions = before.index.gather(-1, slots)
+        gate = _gate(
+            attention.gather(-1, slots), neighbour_attention, has_neighbour, positions, before.layer_idx, config.seed
+        )
         if is_evicted is not None:
             gate &= is_evicted
         d = before.values.shape[-1]
@@ -78,12 +108,44 @@ class CaM(Absorber):
         after_slot = torch.full((*kept_slots.shape[:2], n + 1), -1, dtype=torch.long, device=kept_slots.device)
         after_slot = after_slot.scatter_(-1, torch.where(kept_slots >= 0, kept_slots, n), _slots(kept_slots))[..., :n]
         targets = after_slot.gather(-1, neighbours.flatten(2)).view_as(neighbours)  # -1: not kept
-        hit = has_neighbour & (targets >= 0)
-        contribution = (merged * (gate.float() / m).unsqueeze(-1)).to(after.values.dtype)
-        contribution = contribution.unsqueeze(3).expand(-1, -1, -1, m, -1) * hit.unsqueeze(-1)
-        after.values.scatter_add_(
-            2, targets.clamp(min=0).flatten(2, 3).unsqueeze(-1).expand(-1, -1, -1, d), contribution.flatten(2, 3)
-        )
+        _scatter(after.values, merged, gate, targets.clamp(min=0), has_neighbour & (targets >= 0), m)
+
+
+_FAR = torch.iinfo(torch.long).max
+
+
+def _gate(
+    evicted_attention: torch.Tensor,
+    neighbour_attention: torch.Tensor,
+    has_neighbour: torch.Tensor,
+    positions: torch.Tensor,
+    layer_idx: int,
+    seed: int,
+) -> torch.Tensor:
+    """CaM's Bernoulli merge decision ``[b, h, e]`` for evicted entries with attention ``Ā_i`` ``[b, h, e]``
+    at ``positions`` ``[b, h, e]``, their neighbours' ``Ā`` and presence ``[b, h, e, m]``; the draw is
+    the counter-based hash of (seed, layer, KV head, position)."""
+    neighbour_mean = (neighbour_attention * has_neighbour).sum(-1) / has_neighbour.sum(-1).clamp(min=1)
+    p = merge_probability(evicted_attention, neighbour_mean)
+    heads = head_keys(seed, layer_idx, positions.shape[1], positions.device)
+    return (uniform_at(heads, positions) < p) & has_neighbour.any(-1)
+
+
+def _scatter(
+    values: torch.Tensor,
+    merged: torch.Tensor,
+    gate: torch.Tensor,
+    targets: torch.Tensor,
+    hit: torch.Tensor,
+    m: int,
+) -> None:
+    """``values[k] += gate * merged / m`` in place for every target slot ``k`` of ``values``
+    ``[b, h, k, d]``: ``merged`` ``[b, h, e, d]``, ``gate`` ``[b, h, e]``, ``targets`` and ``hit``
+    (whether the target counts) ``[b, h, e, m]``."""
+    d = values.shape[-1]
+    contribution = (merged * (gate.float() / m).unsqueeze(-1)).to(values.dtype)
+    contribution = contribution.unsqueeze(3).expand(-1, -1, -1, targets.shape[-1], -1) * hit.unsqueeze(-1)
+    values.scatter_add_(2, targets.flatten(2, 3).unsqueeze(-1).expand(-1, -1, -1, d), contribution.flatten(2, 3))
 
 
 def _slots(like: torch.Tensor) -> torch.Tensor:

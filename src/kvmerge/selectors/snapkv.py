@@ -23,6 +23,7 @@ class SnapKV(Selector):
     name = "snapkv"
     description = "SnapKV: top entries by the pooled attention of the prompt's last queries (prefill schedule)"
     schedule = "prefill"
+    needs_position_order = True  # pooling reads neighbouring slots
 
     def __post_init__(self) -> None:
         for field, value in (("window", self.window), ("kernel", self.kernel)):
