@@ -19,11 +19,11 @@ import threading
 from collections.abc import Callable
 
 import torch
-from torch.nn.functional import scaled_dot_product_attention
+from torch.nn.functional import pad, scaled_dot_product_attention
 from transformers.cache_utils import Cache, CacheLayerMixin
 from transformers.integrations.sdpa_attention import sdpa_attention_forward
 
-from kvmerge.method import Absorber, Entries, Eviction, Method
+from kvmerge.method import Entries, Eviction, Method
 from kvmerge.positions import KeyRotation
 from kvmerge.stats import Observation
 
@@ -32,7 +32,6 @@ _handoff = threading.local()
 # Attention rows x entries x query heads computed at once when probabilities are needed.
 _BLOCK_ELEMENTS = 1 << 24
 _NEVER = 1 << 62
-_NO_ABSORBER = Absorber()
 
 
 def take_pending_layer() -> KVMergeLayer | None:
@@ -98,6 +97,8 @@ class KVMergeLayer(CacheLayerMixin):
         self._buffers: dict[str, torch.Tensor] = {}  # what the per-entry tensors are views of, by name
         self._step_rows = 0  # rows of the last step appended
         self.ordered = True  # whether slots are in position order
+        self._visible = torch.ones(1, 1, 1, 0, dtype=torch.bool, device=self.device)
+        self._slots_of_shape: tuple = ((), None, None)
         self._evicts_in_place = self.key_rotation is None and not self.method.needs_position_order
         self.is_initialized = True
 
@@ -180,8 +181,9 @@ class KVMergeLayer(CacheLayerMixin):
         # Steps end at the call's last token, so left padding never shifts a sequence's step boundaries.
         for stop in range(length, 0, -step)[::-1]:
             start = max(stop - step, 0)
-            self._append(new_keys[:, :, start:stop], new_values[:, :, start:stop], valid[:, start:stop], padded)
-            outputs.append(self._attend_step(query[:, :, start:stop], valid[:, start:stop], scaling))
+            keys, values, step_valid = (_span(t, start, stop) for t in (new_keys, new_values, valid))
+            self._append(keys, values, step_valid, padded)
+            outputs.append(self._attend_step(_span(query, start, stop), step_valid, scaling))
             if self._should_compress(first_call):
                 self.compress()
         return outputs[0] if len(outputs) == 1 else torch.cat(outputs, dim=1)
@@ -203,7 +205,9 @@ class KVMergeLayer(CacheLayerMixin):
         absorber = self.method.absorber
         if absorber is not None and self.compressions == 0:
             before = absorber.merge(before, (before.index >= 0) & ~protected, self.method.config)
-        scores = self.method.selector.scores(before, self.method.config).float().masked_fill(protected, float("inf"))
+        scores = _cast(self.method.selector.scores(before, self.method.config), torch.float32).masked_fill(
+            protected, float("inf")
+        )
         n = before.index.shape[-1]
         # Decoding puts one entry over budget: drop the lowest without ranking the rest.
         dropped = self._lowest(scores, before.index) if self._one_over_budget(n) else None
@@ -235,22 +239,36 @@ class KVMergeLayer(CacheLayerMixin):
         """Evict each row's ``dropped`` slot ``[b, h, 1]`` without compaction: swap it with the last slot
         (the newest entry) in every per-entry tensor and let the buffers keep that slot as room."""
         n = before.index.shape[-1]
-        last = torch.full_like(dropped, n - 1)
-        pair, swapped = torch.cat([dropped, last], dim=-1), torch.cat([last, dropped], dim=-1)
+        pair, swapped = pad(dropped, (0, 1), value=n - 1), pad(dropped, (1, 0), value=n - 1)  # [b, h, 2]
         named = self._named(before)
+        spread = {(): (pair, swapped)}  # the pair's slots over each shape of trailing dims
         for tensor in named.values():
-            _swap(tensor, pair, swapped)
+            tail = tensor.shape[3:]
+            if tail not in spread:
+                spread[tail] = tuple(
+                    t.view(*t.shape, *(1,) * len(tail)).expand(*t.shape, *tail) for t in (pair, swapped)
+                )
+            at, to = spread[tail]
+            tensor.scatter_(2, to, tensor.gather(2, at))  # swap the two entries
         held = {name: tensor.narrow(2, 0, n - 1) for name, tensor in named.items()}
 
         def eviction() -> Eviction:
-            rows = dropped.shape[:2]
-            kept_slots = torch.arange(n - 1, device=self.device).expand(*rows, n - 1)
-            evicted = torch.arange(n, device=self.device).expand(*rows, n) == n - 1
+            kept_slots, evicted = self._in_place_slots(*dropped.shape[:2], n)
+            last = pair[..., 1:]
             return Eviction(before, self._entries(held), kept_slots, evicted, self.absorber_state, last, False)
 
         self._finish(held, eviction)
         self._buffers.update(named)  # the evicted entries' slots are the room for the next step
         self.ordered = False
+
+    def _in_place_slots(self, batch: int, heads: int, n: int) -> tuple[torch.Tensor, torch.Tensor]:
+        """An in-place eviction's kept slots ``[batch, heads, n - 1]`` (the first ``n - 1``) and evicted
+        mask ``[batch, heads, n]`` (the last slot); the same every step, so kept (read-only)."""
+        if self._slots_of_shape[0] != (batch, heads, n):
+            kept_slots = torch.arange(n - 1, device=self.device).expand(batch, heads, n - 1)
+            evicted = (torch.arange(n, device=self.device) == n - 1).expand(batch, heads, n)
+            self._slots_of_shape = ((batch, heads, n), kept_slots, evicted)
+        return self._slots_of_shape[1:]
 
     def _finish(self, held: dict[str, torch.Tensor], eviction: Callable[[], Eviction]) -> None:
         """Hand the ``eviction`` (built only if needed) to the absorber and the eviction record, then
@@ -360,7 +378,7 @@ class KVMergeLayer(CacheLayerMixin):
         """Note in ``evicted_at`` which positions ``index`` ``[b, h, n]`` were just ``evicted``."""
         grow = int(self.valid_seen.max()) - self.evicted_at.shape[-1]
         if grow > 0:
-            self.evicted_at = torch.nn.functional.pad(self.evicted_at, (0, grow), value=_NEVER)
+            self.evicted_at = pad(self.evicted_at, (0, grow), value=_NEVER)
         step = (self.valid_seen - 1).view(-1, 1, 1).expand_as(index)
         current = self.evicted_at.gather(-1, index.clamp(min=0))
         self.evicted_at.scatter_(-1, index.clamp(min=0), torch.where(evicted, step, current))
@@ -407,7 +425,7 @@ class KVMergeLayer(CacheLayerMixin):
             positions = self.valid_seen.view(-1, 1) + valid.long().cumsum(-1) - 1
             self._step_index = torch.where(valid, positions, -1)  # [batch, r]
         elif rows == 1:  # decoding, no padding
-            self._step_index = self.valid_seen.view(-1, 1).clone()
+            self._step_index = self.valid_seen.view(-1, 1)  # valid_seen is replaced, never changed in place
         else:  # every token of the call is real
             self._step_index = self.valid_seen.view(-1, 1) + torch.arange(rows, device=self.device)
         index = self._step_index.unsqueeze(1).expand(batch, heads, rows)
@@ -427,7 +445,7 @@ class KVMergeLayer(CacheLayerMixin):
             held = {name: torch.cat([held[name], fresh], dim=2) for name, fresh in new.items()}
         self._hold(held)
         self._step_rows = rows
-        self.valid_seen += valid.sum(-1) if padded else rows
+        self.valid_seen = self.valid_seen + (valid.sum(-1) if padded else rows)
         self.seen += rows
         self.since_compression += rows
 
@@ -467,25 +485,27 @@ class KVMergeLayer(CacheLayerMixin):
             )
             return out.transpose(1, 2)
         n = self.keys.shape[-2]
-        absorber = self.method.absorber or _NO_ABSORBER
+        absorber = self.method.absorber
         block = max(1, _BLOCK_ELEMENTS // max(1, n * q_heads))
         grouped = query.reshape(batch, heads, group, rows, dim)
+        keys, values = _cast(self.keys, torch.float32).transpose(-1, -2), _cast(self.values, torch.float32)
         outputs = []
         for start in range(0, rows, block):
             stop = min(start + block, rows)
-            q = grouped[:, :, :, start:stop].reshape(batch, heads, group * (stop - start), dim)
-            scores = torch.matmul(q.float(), self.keys.float().transpose(-1, -2)) * scaling
-            scores = scores.view(batch, heads, group, stop - start, n)
+            q = _cast(_span(grouped, start, stop, dim=3), torch.float32).reshape(batch, heads, -1, dim)
+            scores = (torch.matmul(q, keys) * scaling).view(batch, heads, group, stop - start, n)
             if mask is None:
-                visible = torch.ones(1, 1, 1, n, dtype=torch.bool, device=self.device)
+                visible = self._everything_visible(n)
             else:
                 block_mask = mask[:, :, start:stop]
                 scores = scores.masked_fill(~block_mask.unsqueeze(2), float("-inf"))
                 visible = block_mask[:, :1] & valid[:, start:stop].view(batch, 1, -1, 1)
-            extra = absorber.state_attention(self.absorber_state, q.view(*scores.shape[:4], dim), self.layer_idx)
+            extra = None
+            if absorber is not None and absorber.attends:
+                extra = absorber.state_attention(self.absorber_state, q.view(*scores.shape[:4], dim), self.layer_idx)
             if extra is None:
                 probs = scores.softmax(dim=-1)
-                out = torch.matmul(probs.view(batch, heads, -1, n), self.values.float())
+                out = torch.matmul(probs.view(batch, heads, -1, n), values)
             else:  # the state is one more softmax term with log-weight log_mass and value mean
                 log_mass, mean = extra
                 top = torch.maximum(scores.amax(dim=-1), log_mass)
@@ -493,14 +513,20 @@ class KVMergeLayer(CacheLayerMixin):
                 state_weight = torch.exp(log_mass - top)
                 total = weights.sum(dim=-1) + state_weight
                 probs = weights / weights.sum(dim=-1, keepdim=True)  # statistics see the kept entries only
-                kept = torch.matmul(weights.view(batch, heads, -1, n), self.values.float()).view_as(mean)
+                kept = torch.matmul(weights.view(batch, heads, -1, n), values).view_as(mean)
                 out = (kept + state_weight.unsqueeze(-1) * mean) / total.unsqueeze(-1)
-            outputs.append(out.reshape(batch, heads, group, stop - start, dim).to(query.dtype))
-            seen = Observation(probs, visible, self._step_index[:, start:stop], self.valid_seen)
+            outputs.append(_cast(out.view(batch, heads, group, stop - start, dim), query.dtype))
+            seen = Observation(probs, visible, _span(self._step_index, start, stop), self.valid_seen)
             for stat in self.method.statistics:
                 self.stats[stat.name] = stat.update(self.stats[stat.name], seen)
         out = (outputs[0] if len(outputs) == 1 else torch.cat(outputs, dim=3)).reshape(batch, q_heads, rows, dim)
         return out.transpose(1, 2)
+
+    def _everything_visible(self, n: int) -> torch.Tensor:
+        """``[1, 1, 1, n]`` all true (kept between steps of the same size)."""
+        if self._visible.shape[-1] != n:
+            self._visible = torch.ones(1, 1, 1, n, dtype=torch.bool, device=self.device)
+        return self._visible
 
     def _should_compress(self, first_call: bool) -> bool:
         config = self.method.config
@@ -608,13 +634,16 @@ def _extend(
     return buffer[:, :, : n + r], buffer
 
 
-def _swap(tensor: torch.Tensor, pair: torch.Tensor, swapped: torch.Tensor) -> None:
-    """Swap, in place, the two entries ``pair`` ``[b, h, 2]`` of each row of ``tensor`` ``[b, h, n, ...]``
-    (``swapped`` is ``pair`` reversed)."""
-    if tensor.dim() > 3:
-        tail = tensor.shape[3:]
-        pair, swapped = (t.view(*t.shape, *(1,) * len(tail)).expand(*t.shape, *tail) for t in (pair, swapped))
-    tensor.scatter_(2, swapped, tensor.gather(2, pair))
+def _span(tensor: torch.Tensor, start: int, stop: int, dim: int | None = None) -> torch.Tensor:
+    """Tokens ``start:stop`` along ``dim`` of a call's ``tensor`` (default: ``[batch, length]`` or
+    ``[batch, heads, length, ...]``), without an op when that is all of them."""
+    dim = (1 if tensor.dim() == 2 else 2) if dim is None else dim
+    return tensor if stop - start == tensor.shape[dim] else tensor.narrow(dim, start, stop - start)
+
+
+def _cast(tensor: torch.Tensor, dtype: torch.dtype) -> torch.Tensor:
+    """``tensor`` as ``dtype``, without an op when it is already."""
+    return tensor if tensor.dtype == dtype else tensor.to(dtype)
 
 
 def _new_token_validity(

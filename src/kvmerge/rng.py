@@ -40,11 +40,12 @@ def _head_keys(seed: int, layer_idx: int, heads: int, device: torch.device) -> t
 
 
 def uniform_at(keys: torch.Tensor, positions: torch.Tensor, step: torch.Tensor | None = None) -> torch.Tensor:
-    """:func:`hashed_uniform` from its (seed, layer, head) part ``keys`` (see :func:`head_keys`)."""
-    x = _mix(keys ^ (positions.long() & _MASK32))
+    """:func:`hashed_uniform` from its (seed, layer, head) part ``keys`` (see :func:`head_keys`);
+    ``positions`` and ``step`` are integer tensors."""
+    x = _mix(keys ^ (positions & _MASK32))
     if step is not None:
-        x = _mix(x ^ (step.long() & _MASK32))
-    return x.double().div(2.0**32).float()
+        x = _mix(x ^ (step & _MASK32))
+    return (x >> 8).float() * 2.0**-24  # the top 24 bits: exact in float32, always < 1
 
 
 def _layer_key(seed: int, layer_idx: int) -> int:

@@ -52,7 +52,7 @@ class CaM(Absorber):
         slot = eviction.evicted_slots  # [b, h, 1]
         position = before.index.gather(-1, slot)
         later = torch.where(after.index > position, after.index, _FAR)  # [b, h, k]
-        nearest = later.topk(min(m, later.shape[-1]), dim=-1, largest=False)
+        nearest = later.topk(min(m, later.shape[-1]), dim=-1, largest=False)  # ascending: present ones first
         neighbours, has_neighbour = nearest.indices.unsqueeze(2), (nearest.values < _FAR).unsqueeze(2)  # [b, h, 1, m]
         attention = before.stats[AccumulatedAttention.name]
         gate = _gate(
@@ -64,7 +64,7 @@ class CaM(Absorber):
             config.seed,
         )
         d = before.values.shape[-1]
-        merged = before.values.gather(2, slot.unsqueeze(-1).expand(-1, -1, -1, d)).float()  # [b, h, 1, d]
+        merged = before.values.gather(2, slot.unsqueeze(-1).expand(-1, -1, -1, d))  # [b, h, 1, d]
         _scatter(after.values, merged, gate, neighbours, has_neighbour, m)
 
     def _absorb_several(self, eviction: Eviction, config: CompressionConfig) -> None:
@@ -142,9 +142,9 @@ def _scatter(
     """``values[k] += gate * merged / m`` in place for every target slot ``k`` of ``values``
     ``[b, h, k, d]``: ``merged`` ``[b, h, e, d]``, ``gate`` ``[b, h, e]``, ``targets`` and ``hit``
     (whether the target counts) ``[b, h, e, m]``."""
+    weight = (gate.unsqueeze(-1) & hit).to(merged.dtype) / m  # [b, h, e, m]
+    contribution = (merged.unsqueeze(3) * weight.unsqueeze(-1)).to(values.dtype)  # [b, h, e, m, d]
     d = values.shape[-1]
-    contribution = (merged * (gate.float() / m).unsqueeze(-1)).to(values.dtype)
-    contribution = contribution.unsqueeze(3).expand(-1, -1, -1, targets.shape[-1], -1) * hit.unsqueeze(-1)
     values.scatter_add_(2, targets.flatten(2, 3).unsqueeze(-1).expand(-1, -1, -1, d), contribution.flatten(2, 3))
 
 
