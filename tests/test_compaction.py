@@ -7,8 +7,10 @@ from __future__ import annotations
 
 import pytest
 import torch
+from torch import nn
 
 import kvmerge
+from kvmerge.absorbers.less import LessKernels, save_kernels
 from kvmerge.cache import KVMergeLayer
 from kvmerge.method import Entries, Eviction
 from tests.conftest import VOCAB, tiny_model
@@ -68,15 +70,24 @@ def by_position(layer: KVMergeLayer) -> dict[str, torch.Tensor]:
     }
 
 
+@pytest.fixture(scope="module")
+def less_kernels(tmp_path_factory):
+    torch.manual_seed(0)
+    kernels = nn.ModuleList(LessKernels(16, hidden=8, rank=4) for _ in range(2))
+    return save_kernels(kernels, tmp_path_factory.mktemp("less"), {"head_dim": 16, "hidden": 8, "rank": 4})
+
+
 @pytest.mark.parametrize(
-    "method", ["streaming", "streaming+cam", "h2o", "h2o+cam", "tova", "scissorhands", "knorm", "random"]
+    "method", ["streaming", "streaming+cam", "h2o", "h2o+cam", "h2o+less", "tova", "scissorhands", "knorm", "random"]
 )
-def test_evicting_in_place_holds_what_compaction_holds(method):
+def test_evicting_in_place_holds_what_compaction_holds(method, less_kernels):
     """Decoding one token at a time, then a chunk (which ranks several entries after in-place steps):
-    the in-place cache holds, position by position, what the compacting cache holds, and the logits agree."""
+    the in-place cache holds, position by position, what the compacting cache holds (LESS: the same
+    state), and the logits agree."""
     model = tiny_model("llama")
     ids = torch.randint(0, VOCAB, (2, 80), generator=torch.Generator().manual_seed(2))
-    caches = [kvmerge.make_cache(model, method, 12, chunk_size=4) for _ in range(2)]
+    options = {"kernels": less_kernels} if method.endswith("+less") else {}
+    caches = [kvmerge.make_cache(model, method, 12, chunk_size=4, **options) for _ in range(2)]
     for layer in caches[1].layers:
         layer._evicts_in_place = False
     outputs = [[], []]
@@ -93,6 +104,8 @@ def test_evicting_in_place_holds_what_compaction_holds(method):
         assert fast.keys.shape == slow.keys.shape == (2, 2, 12, 16)
         for name, tensor in by_position(fast).items():
             torch.testing.assert_close(tensor, by_position(slow)[name], atol=1e-5, rtol=1e-5, msg=name)
+        for name, tensor in fast.absorber_state.items():
+            torch.testing.assert_close(tensor, slow.absorber_state[name], atol=1e-5, rtol=1e-5, msg=name)
 
 
 def test_evicting_in_place_copies_two_entries_per_row():

@@ -9,6 +9,7 @@ from torch import nn
 import kvmerge
 from kvmerge.absorbers.less import LessKernels, save_kernels
 from kvmerge.cache import KVMergeLayer
+from kvmerge.method import Entries, Eviction
 from kvmerge.training import attention_output_errors, train_less
 from tests.conftest import VOCAB, tiny_model
 
@@ -96,3 +97,24 @@ def test_kvmerger_calibration_hits_its_target():
     assert abs(tried[threshold] - 0.6) < 0.05
     fractions = [tried[t] for t in sorted(tried)]
     assert fractions == sorted(fractions)  # a higher threshold merges less
+
+
+def test_given_the_evicted_slots_the_state_is_the_same(random_kernels):
+    """Decoding hands LESS the evicted slots; features of those entries only give the state that masking
+    every entry gives."""
+    layer = KVMergeLayer(kvmerge.make_method("h2o+less", 4, kernels=random_kernels), layer_idx=2)
+    generator = torch.Generator().manual_seed(1)
+    keys, values = torch.randn(2, 2, 3, 9, HEAD_DIM, generator=generator)
+    index = torch.arange(9).expand(2, 3, 9)
+    before = Entries(keys, values, index, {}, torch.tensor([9, 9]), 2)
+    slots = torch.randint(0, 9, (2, 3, 1), generator=generator)
+    evicted = torch.zeros(2, 3, 9, dtype=torch.bool).scatter_(-1, slots, True)
+    states = []
+    for given in (slots, None):
+        state: dict[str, torch.Tensor] = {}
+        for _ in range(2):  # a second eviction rescales the state
+            eviction = Eviction(before, before, index, evicted, state, given)
+            layer.method.absorber.absorb(eviction, layer.method.config)
+        states.append(state)
+    for name, value in states[0].items():
+        torch.testing.assert_close(value, states[1][name], atol=1e-6, rtol=1e-6, msg=name)

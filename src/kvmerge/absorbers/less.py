@@ -81,9 +81,15 @@ class LESS(Absorber):
 
     def absorb(self, eviction: Eviction, config: CompressionConfig) -> None:
         """Add the evicted entries to the state: ``z += psi(k)``, ``H += psi(k) v^T`` (log-scaled)."""
-        before, state = eviction.before, eviction.state
+        before, state, slots = eviction.before, eviction.state, eviction.evicted_slots
         kernels = self._kernels(before.layer_idx, before.keys.device)
-        log_psi = kernels.log_psi(before.keys.float()).masked_fill(~eviction.evicted.unsqueeze(-1), float("-inf"))
+        if slots is not None:  # the same count per row (decoding: one): features of those entries only
+            spread = slots.unsqueeze(-1).expand(-1, -1, -1, before.keys.shape[-1])
+            keys, values = before.keys.gather(2, spread), before.values.gather(2, spread)
+            log_psi = kernels.log_psi(keys.float())
+        else:
+            keys, values = before.keys, before.values
+            log_psi = kernels.log_psi(keys.float()).masked_fill(~eviction.evicted.unsqueeze(-1), float("-inf"))
         batch, heads, _, rank = log_psi.shape
         if not state:
             state["log_scale"] = torch.full((batch, heads), float("-inf"), device=log_psi.device)
@@ -94,7 +100,7 @@ class LESS(Absorber):
         decay = torch.exp(state["log_scale"] - safe).nan_to_num(0.0).unsqueeze(-1)  # [b, h, 1]
         weights = torch.exp(log_psi - safe.view(batch, heads, 1, 1))  # [b, h, n, r], 0 where not evicted
         state["z"] = state["z"] * decay + weights.sum(dim=2)
-        absorbed = torch.einsum("bhnr,bhnd->bhrd", weights, before.values.float())
+        absorbed = torch.einsum("bhnr,bhnd->bhrd", weights, values.float())
         state["h"] = state["h"] * decay.unsqueeze(-1) + absorbed
         state["log_scale"] = scale
 
