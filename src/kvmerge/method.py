@@ -27,7 +27,8 @@ class Entries:
         ``[batch, kv_heads, n, head_dim]``.
     index:
         ``[batch, kv_heads, n]`` int64 position of each entry within its sequence (padding not
-        counted); ``-1`` marks an empty slot (padding, or room another sequence needs).
+        counted); ``-1`` marks an empty slot (padding, or room another sequence needs). Slots are
+        in position order only where the cache says so (see :class:`Eviction`).
     stats:
         Statistics by name, each ``[batch, kv_heads, n]``.
     seen:
