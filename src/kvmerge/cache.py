@@ -73,6 +73,8 @@ class KVMergeLayer(CacheLayerMixin):
         self.record_evictions = record_evictions
         self.seen = 0
         self._pending: tuple[torch.Tensor, torch.Tensor] | None = None
+        # decoding's single evictions happen in place unless the method needs slots in position order
+        self._evicts_in_place = key_rotation is None and not method.needs_position_order
 
     # transformers' layer API -------------------------------------------------------------
 
@@ -99,7 +101,6 @@ class KVMergeLayer(CacheLayerMixin):
         self.ordered = True  # whether slots are in position order
         self._visible = torch.ones(1, 1, 1, 0, dtype=torch.bool, device=self.device)
         self._slots_of_shape: tuple = ((), None, None)
-        self._evicts_in_place = self.key_rotation is None and not self.method.needs_position_order
         self.is_initialized = True
 
     def update(
