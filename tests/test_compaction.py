@@ -54,11 +54,11 @@ def test_dropping_one_entry_equals_the_stable_ranking(seed):
     assert torch.equal(shuffle.gather(-1, shuffled), dropped)
 
 
-def test_a_selector_scoring_minus_infinity_falls_back_to_the_ranking():
-    layer = layer_over_budget("h2o", budget=8)
-    scores = torch.rand(2, 3, 9)
-    scores[0, 0, 3] = scores[0, 0, 5] = float("-inf")  # evict both, though only one is over budget
-    assert layer._lowest(scores, layer.index) is None
+def test_an_adaptive_selector_always_ranks():
+    # CORM scores -inf to evict regardless of the budget: never the one-entry shortcut
+    layer = layer_over_budget("corm", budget=8)
+    assert not layer._one_over_budget(9)
+    assert layer_over_budget("h2o", budget=8)._one_over_budget(9)
 
 
 def by_position(layer: KVMergeLayer) -> dict[str, torch.Tensor]:

@@ -8,7 +8,7 @@ import pytest
 import torch
 
 import kvmerge
-from kvmerge.absorbers.cam import merge_probability
+from kvmerge.absorbers.cam import merge_gate
 from kvmerge.cache import KVMergeLayer
 from kvmerge.config import CompressionConfig
 from kvmerge.registry import build_method
@@ -113,13 +113,19 @@ def test_low_attention_ignores_entries_a_row_could_not_see():
 
 
 @pytest.mark.parametrize(
-    ("evicted", "mean", "expected"),
+    ("evicted", "mean", "p"),
     [(0.5, 1.0, 0.5), (2.0, 1.0, 1.0), (0.0, 0.0, 0.0), (1.0, 0.0, 1.0), (float("nan"), 1.0, 0.0), (-1.0, 1.0, 0.0)],
 )
-def test_merge_probability_edge_cases(evicted, mean, expected):
-    p = merge_probability(torch.tensor([evicted]), torch.tensor([mean]))
-    assert p.item() == pytest.approx(expected)
-    assert not math.isnan(p.item())
+@pytest.mark.parametrize("count", [1, 3])
+def test_merge_gate_is_a_draw_below_the_clamped_ratio(evicted, mean, p, count):
+    # p = clamp(A_i / mean(A_N), 0, 1), with 0/0 and NaN giving 0 and x/0 giving 1
+    draws = torch.tensor([0.0, 0.25, 0.4999, 0.5001, 0.75, 0.9999])
+    gate = merge_gate(draws, torch.tensor(evicted), torch.tensor(mean * count), torch.tensor(count))
+    assert gate.tolist() == (draws < p).tolist()
+
+
+def test_merge_gate_never_merges_without_neighbours():
+    assert not merge_gate(torch.tensor([0.0, 0.5]), torch.tensor(1.0), torch.tensor(0.0), torch.tensor(0)).any()
 
 
 def test_cam_merges_values_per_formula_and_never_touches_keys():

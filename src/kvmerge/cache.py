@@ -99,8 +99,8 @@ class KVMergeLayer(CacheLayerMixin):
         self._buffers: dict[str, torch.Tensor] = {}  # what the per-entry tensors are views of, by name
         self._step_rows = 0  # rows of the last step appended
         self.ordered = True  # whether slots are in position order
-        self._visible = torch.ones(1, 1, 1, 0, dtype=torch.bool, device=self.device)
-        self._slots_of_shape: tuple = ((), None, None)
+        self._all_true: dict[tuple[int, ...], torch.Tensor] = {}
+        self._slots_of_shape: tuple = ((), None, None, None)
         self.is_initialized = True
 
     def update(
@@ -165,7 +165,10 @@ class KVMergeLayer(CacheLayerMixin):
         new_keys, new_values = self._pending
         self._pending = None
         length = new_keys.shape[-2]
-        valid = _new_token_validity(attention_mask, self.keys.shape[-2], length, query.shape[0], self.device)
+        if attention_mask is None:
+            valid = self._true(query.shape[0], length)
+        else:
+            valid = _new_token_validity(attention_mask, self.keys.shape[-2], length, query.shape[0], self.device)
         padded = attention_mask is not None and not bool(valid.all())
         first_call = self.seen == 0
         method, config = self.method, self.method.config
@@ -240,7 +243,8 @@ class KVMergeLayer(CacheLayerMixin):
         """Evict each row's ``dropped`` slot ``[b, h, 1]`` without compaction: swap it with the last slot
         (the newest entry) in every per-entry tensor and let the buffers keep that slot as room."""
         n = before.index.shape[-1]
-        pair, swapped = pad(dropped, (0, 1), value=n - 1), pad(dropped, (1, 0), value=n - 1)  # [b, h, 2]
+        last = self._in_place_slots(*dropped.shape[:2], n)[2]  # [b, h, 1]
+        pair, swapped = torch.cat((dropped, last), dim=-1), torch.cat((last, dropped), dim=-1)  # [b, h, 2]
         named = self._named(before)
         spread = {(): (pair, swapped)}  # the pair's slots over each shape of trailing dims
         for tensor in named.values():
@@ -254,21 +258,22 @@ class KVMergeLayer(CacheLayerMixin):
         held = {name: tensor.narrow(2, 0, n - 1) for name, tensor in named.items()}
 
         def eviction() -> Eviction:
-            kept_slots, evicted = self._in_place_slots(*dropped.shape[:2], n)
-            last = pair[..., 1:]
+            kept_slots, evicted, _ = self._in_place_slots(*dropped.shape[:2], n)
             return Eviction(before, self._entries(held), kept_slots, evicted, self.absorber_state, last, False)
 
         self._finish(held, eviction)
         self._buffers.update(named)  # the evicted entries' slots are the room for the next step
         self.ordered = False
 
-    def _in_place_slots(self, batch: int, heads: int, n: int) -> tuple[torch.Tensor, torch.Tensor]:
-        """An in-place eviction's kept slots ``[batch, heads, n - 1]`` (the first ``n - 1``) and evicted
-        mask ``[batch, heads, n]`` (the last slot); the same every step, so kept (read-only)."""
+    def _in_place_slots(self, batch: int, heads: int, n: int) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+        """An in-place eviction's kept slots ``[batch, heads, n - 1]`` (the first ``n - 1``), evicted mask
+        ``[batch, heads, n]`` and slot ``[batch, heads, 1]`` (the last); the same every step, so kept
+        (read-only)."""
         if self._slots_of_shape[0] != (batch, heads, n):
-            kept_slots = torch.arange(n - 1, device=self.device).expand(batch, heads, n - 1)
-            evicted = (torch.arange(n, device=self.device) == n - 1).expand(batch, heads, n)
-            self._slots_of_shape = ((batch, heads, n), kept_slots, evicted)
+            slots = torch.arange(n, device=self.device)
+            kept_slots = slots[: n - 1].expand(batch, heads, n - 1)
+            evicted = (slots == n - 1).expand(batch, heads, n)
+            self._slots_of_shape = ((batch, heads, n), kept_slots, evicted, slots[n - 1 :].expand(batch, heads, 1))
         return self._slots_of_shape[1:]
 
     def _finish(self, held: dict[str, torch.Tensor], eviction: Callable[[], Eviction]) -> None:
@@ -303,14 +308,11 @@ class KVMergeLayer(CacheLayerMixin):
         )
 
     @staticmethod
-    def _lowest(scores: torch.Tensor, index: torch.Tensor) -> torch.Tensor | None:
+    def _lowest(scores: torch.Tensor, index: torch.Tensor) -> torch.Tensor:
         """Each row's lowest-scored slot ``[b, h, 1]``, the newest among equal scores (what the stable
-        ranking of :meth:`_rank` drops), in any slot order; ``None`` when a selector scores an entry
-        ``-inf`` (evict regardless)."""
+        ranking of :meth:`_rank` drops), in any slot order."""
         lowest = scores.amin(dim=-1, keepdim=True)
-        if bool(lowest.isneginf().any()):
-            return None
-        return torch.where(scores == lowest, index, -1).argmax(dim=-1, keepdim=True)
+        return index.masked_fill(scores != lowest, -1).argmax(dim=-1, keepdim=True)
 
     @staticmethod
     def _drop(dropped: torch.Tensor, n: int) -> tuple:
@@ -496,7 +498,7 @@ class KVMergeLayer(CacheLayerMixin):
             q = _cast(_span(grouped, start, stop, dim=3), torch.float32).reshape(batch, heads, -1, dim)
             scores = (torch.matmul(q, keys) * scaling).view(batch, heads, group, stop - start, n)
             if mask is None:
-                visible = self._everything_visible(n)
+                visible = self._true(1, 1, 1, n)
             else:
                 block_mask = mask[:, :, start:stop]
                 scores = scores.masked_fill(~block_mask.unsqueeze(2), float("-inf"))
@@ -523,11 +525,13 @@ class KVMergeLayer(CacheLayerMixin):
         out = (outputs[0] if len(outputs) == 1 else torch.cat(outputs, dim=3)).reshape(batch, q_heads, rows, dim)
         return out.transpose(1, 2)
 
-    def _everything_visible(self, n: int) -> torch.Tensor:
-        """``[1, 1, 1, n]`` all true (kept between steps of the same size)."""
-        if self._visible.shape[-1] != n:
-            self._visible = torch.ones(1, 1, 1, n, dtype=torch.bool, device=self.device)
-        return self._visible
+    def _true(self, *shape: int) -> torch.Tensor:
+        """An all-true bool tensor of ``shape``, kept between steps (read-only)."""
+        if shape not in self._all_true:
+            if len(self._all_true) > 8:  # shapes of earlier steps
+                self._all_true.clear()
+            self._all_true[shape] = torch.ones(shape, dtype=torch.bool, device=self.device)
+        return self._all_true[shape]
 
     def _should_compress(self, first_call: bool) -> bool:
         config = self.method.config
@@ -648,12 +652,10 @@ def _cast(tensor: torch.Tensor, dtype: torch.dtype) -> torch.Tensor:
 
 
 def _new_token_validity(
-    mask: torch.Tensor | None, kept: int, length: int, batch: int, device: torch.device
+    mask: torch.Tensor, kept: int, length: int, batch: int, device: torch.device
 ) -> torch.Tensor:
     """Which of a call's ``length`` new tokens are real (not padding) ``[batch, length]``, read off the
     diagonal of transformers' 4D mask (a padding token is masked as a key for every query, itself included)."""
-    if mask is None:
-        return torch.ones(batch, length, dtype=torch.bool, device=device)
     rows = torch.arange(length, device=mask.device)
     diagonal = mask[:, 0, rows, kept + rows]
     valid = diagonal if diagonal.dtype == torch.bool else diagonal == 0

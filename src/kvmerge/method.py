@@ -87,7 +87,8 @@ class Eviction:
 class Selector(ABC):
     """Scores entries; the cache keeps the protected windows plus the best-scored rest.
 
-    An entry scored ``-inf`` is evicted even when the cache is under budget. Subclasses are
+    An ``adaptive`` selector may score an entry ``-inf`` to evict it even when the cache is under
+    budget; a selector with a fixed budget scores finite values (or ``+inf``). Subclasses are
     dataclasses whose fields are the method's own options.
     """
 

@@ -24,10 +24,13 @@ from kvmerge.rng import head_keys, uniform_at
 from kvmerge.stats import AccumulatedAttention, Statistic
 
 
-def merge_probability(evicted_attention: torch.Tensor, neighbour_mean: torch.Tensor) -> torch.Tensor:
-    """CaM's gate ``clamp(Ā_i / mean(Ā_N), 0, 1)``; 0/0 (no attention anywhere) and NaN give 0, x/0 gives 1."""
-    p = evicted_attention / neighbour_mean
-    return torch.nan_to_num(p, nan=0.0, posinf=1.0, neginf=0.0).clamp(0.0, 1.0)
+def merge_gate(
+    draw: torch.Tensor, evicted_attention: torch.Tensor, neighbour_sum: torch.Tensor, neighbour_count: torch.Tensor
+) -> torch.Tensor:
+    """CaM's gate ``M = [u < clamp(Ā_i / mean(Ā_N), 0, 1)]`` for a uniform ``draw`` u in [0, 1), as
+    ``u * sum(Ā_N) < Ā_i * |N|``: the same decision for attention >= 0, without a division. No
+    neighbours, 0/0 and NaN never merge; x/0 (x > 0) always does."""
+    return draw * neighbour_sum < evicted_attention * neighbour_count
 
 
 @dataclass(frozen=True)
@@ -51,21 +54,23 @@ class CaM(Absorber):
         before, after, m = eviction.before, eviction.after, config.merge_window
         slot = eviction.evicted_slots  # [b, h, 1]
         position = before.index.gather(-1, slot)
-        later = torch.where(after.index > position, after.index, _FAR)  # [b, h, k]
-        nearest = later.topk(min(m, later.shape[-1]), dim=-1, largest=False)  # ascending: present ones first
-        neighbours, has_neighbour = nearest.indices.unsqueeze(2), (nearest.values < _FAR).unsqueeze(2)  # [b, h, 1, m]
-        attention = before.stats[AccumulatedAttention.name]
+        gap = after.index - position  # [b, h, k]: > 0 for the later entries
+        nearest = gap.masked_fill_(gap <= 0, _FAR).topk(min(m, gap.shape[-1]), dim=-1, largest=False)
+        neighbours, present = nearest.indices, nearest.values < _FAR  # [b, h, m]
+        attention = after.stats[AccumulatedAttention.name].gather(-1, neighbours)
         gate = _gate(
-            attention.gather(-1, slot),
-            after.stats[AccumulatedAttention.name].gather(-1, nearest.indices).unsqueeze(2),
-            has_neighbour,
+            before.stats[AccumulatedAttention.name].gather(-1, slot),
+            (attention * present).sum(-1, keepdim=True),
+            present.sum(-1, keepdim=True),
             position,
             before.layer_idx,
             config.seed,
         )
         d = before.values.shape[-1]
         merged = before.values.gather(2, slot.unsqueeze(-1).expand(-1, -1, -1, d))  # [b, h, 1, d]
-        _scatter(after.values, merged, gate, neighbours, has_neighbour, m)
+        weight = (gate & present).to(merged.dtype).unsqueeze(-1)  # [b, h, m, 1]
+        targets = neighbours.unsqueeze(-1).expand(-1, -1, -1, d)
+        after.values.scatter_add_(2, targets, merged.mul(weight).div_(m))
 
     def _absorb_several(self, eviction: Eviction, config: CompressionConfig) -> None:
         """Any evictions, ``before`` in position order: each merges in position order (see the module)."""
@@ -92,9 +97,13 @@ class CaM(Absorber):
             neighbour_rank
         )
         neighbour_attention = attention.gather(-1, neighbours.flatten(2)).view_as(neighbours)
-        positions = before.index.gather(-1, slots)
         gate = _gate(
-            attention.gather(-1, slots), neighbour_attention, has_neighbour, positions, before.layer_idx, config.seed
+            attention.gather(-1, slots),
+            (neighbour_attention * has_neighbour).sum(-1),
+            has_neighbour.sum(-1),
+            before.index.gather(-1, slots),
+            before.layer_idx,
+            config.seed,
         )
         if is_evicted is not None:
             gate &= is_evicted
@@ -116,19 +125,17 @@ _FAR = torch.iinfo(torch.long).max
 
 def _gate(
     evicted_attention: torch.Tensor,
-    neighbour_attention: torch.Tensor,
-    has_neighbour: torch.Tensor,
+    neighbour_sum: torch.Tensor,
+    neighbour_count: torch.Tensor,
     positions: torch.Tensor,
     layer_idx: int,
     seed: int,
 ) -> torch.Tensor:
-    """CaM's Bernoulli merge decision ``[b, h, e]`` for evicted entries with attention ``Ā_i`` ``[b, h, e]``
-    at ``positions`` ``[b, h, e]``, their neighbours' ``Ā`` and presence ``[b, h, e, m]``; the draw is
-    the counter-based hash of (seed, layer, KV head, position)."""
-    neighbour_mean = (neighbour_attention * has_neighbour).sum(-1) / has_neighbour.sum(-1).clamp(min=1)
-    p = merge_probability(evicted_attention, neighbour_mean)
+    """CaM's Bernoulli merge decision ``[b, h, e]`` for evicted entries with attention ``Ā_i``, their
+    neighbours' summed ``Ā`` and count, and ``positions`` (each ``[b, h, e]``); the draw is the
+    counter-based hash of (seed, layer, KV head, position)."""
     heads = head_keys(seed, layer_idx, positions.shape[1], positions.device)
-    return (uniform_at(heads, positions) < p) & has_neighbour.any(-1)
+    return merge_gate(uniform_at(heads, positions), evicted_attention, neighbour_sum, neighbour_count)
 
 
 def _scatter(
