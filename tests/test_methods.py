@@ -89,11 +89,15 @@ def test_statistics_update_from_hand_made_attention():
     probs = torch.tensor([[[[[0.5, 0.3, 0.2], [0.1, 0.1, 0.8]], [[0.7, 0.2, 0.1], [0.3, 0.3, 0.4]]]]])  # [1,1,2,2,3]
     visible = torch.ones(1, 1, 2, 3, dtype=torch.bool)
     seen = Observation(probs, visible, torch.tensor([[0, 1]]), torch.tensor([3]))
-    zero = torch.zeros(1, 1, 3)
-    torch.testing.assert_close(AccumulatedAttention("mean").update(zero, seen), torch.tensor([[[0.8, 0.45, 0.75]]]))
-    torch.testing.assert_close(AccumulatedAttention("max").update(zero, seen), torch.tensor([[[1.0, 0.6, 1.0]]]))
-    torch.testing.assert_close(AccumulatedAttention("sum").update(zero, seen), torch.tensor([[[1.6, 0.9, 1.5]]]))
-    torch.testing.assert_close(CurrentAttention().update(zero, seen), torch.tensor([[[0.2, 0.2, 0.6]]]))
+    def fresh() -> torch.Tensor:
+        return torch.zeros(1, 1, 3)
+
+    torch.testing.assert_close(AccumulatedAttention("mean").update(fresh(), seen), torch.tensor([[[0.8, 0.45, 0.75]]]))
+    torch.testing.assert_close(AccumulatedAttention("max").update(fresh(), seen), torch.tensor([[[1.0, 0.6, 1.0]]]))
+    torch.testing.assert_close(AccumulatedAttention("sum").update(fresh(), seen), torch.tensor([[[1.6, 0.9, 1.5]]]))
+    torch.testing.assert_close(CurrentAttention().update(fresh(), seen), torch.tensor([[[0.2, 0.2, 0.6]]]))
+    value = fresh()  # the cache owns the value: updated in place
+    assert AccumulatedAttention("mean").update(value, seen) is value and float(value.sum()) > 0
     # mean probs: row 0 = [0.6, 0.25, 0.15], row 1 = [0.2, 0.2, 0.6]; uniform 1/3; older row is the higher bit
     history = AttentionHistory(window=3, gqa="mean").update(torch.zeros(1, 1, 3, dtype=torch.long), seen)
     assert history.tolist() == [[[0b01, 0b11, 0b10]]]

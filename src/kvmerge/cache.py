@@ -630,13 +630,11 @@ def _extend(
     entries, and the buffer the result is a view of. Written into ``buffer``'s room when ``held`` is a
     view of its first entries and the room suffices; otherwise a new buffer, with ``room`` entries to spare."""
     n, r = held.shape[2], new.shape[2]
-    if buffer is not None and buffer.shape[2] >= n + r and _is_prefix_view(held, buffer):
-        buffer[:, :, n : n + r] = new
-        return buffer[:, :, : n + r], buffer
-    buffer = new.new_empty(*held.shape[:2], n + r + room, *held.shape[3:])
-    buffer[:, :, :n] = held
-    buffer[:, :, n : n + r] = new
-    return buffer[:, :, : n + r], buffer
+    if buffer is None or buffer.shape[2] < n + r or not _is_prefix_view(held, buffer):
+        buffer = new.new_empty(*held.shape[:2], n + r + room, *held.shape[3:])
+        buffer.narrow(2, 0, n).copy_(held)
+    buffer.narrow(2, n, r).copy_(new)
+    return buffer.narrow(2, 0, n + r), buffer
 
 
 def _span(tensor: torch.Tensor, start: int, stop: int, dim: int | None = None) -> torch.Tensor:

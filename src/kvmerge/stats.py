@@ -53,7 +53,8 @@ class Statistic(ABC):
 
     @abstractmethod
     def update(self, value: torch.Tensor, seen: Observation) -> torch.Tensor:
-        """Fold one block of attention rows into ``value`` ``[batch, kv_heads, n]``; return the new value."""
+        """Fold one block of attention rows into ``value`` ``[batch, kv_heads, n]`` and return it: the
+        cache owns ``value``, so it is updated in place where possible (it may be a view of a buffer)."""
 
 
 @dataclass(frozen=True)
@@ -64,7 +65,7 @@ class AccumulatedAttention(Statistic):
     name: str = "accumulated_attention"
 
     def update(self, value: torch.Tensor, seen: Observation) -> torch.Tensor:
-        return value + aggregate_group(seen.probs, self.gqa).sum(dim=2)
+        return value.add_(aggregate_group(seen.probs, self.gqa).sum(dim=2))
 
 
 @dataclass(frozen=True)
@@ -92,7 +93,7 @@ class AttentionHistory(Statistic):
         hit = visible & ((probs < share) if self.below else (probs >= share))
         shifts = torch.arange(rows - 1, -1, -1, device=value.device).view(1, 1, rows, 1)
         bits = (hit.long() << shifts).sum(dim=2)
-        return ((value << rows) | bits) & ((1 << self.window) - 1)
+        return value.bitwise_left_shift_(rows).bitwise_or_(bits).bitwise_and_((1 << self.window) - 1)
 
     @staticmethod
     def count(value: torch.Tensor, window: int) -> torch.Tensor:
@@ -109,7 +110,7 @@ class CurrentAttention(Statistic):
 
     def update(self, value: torch.Tensor, seen: Observation) -> torch.Tensor:
         last = seen.probs[:, :, :, -1].mean(dim=(1, 2))  # [b, n]
-        return last.unsqueeze(1).expand_as(value).contiguous()
+        return value.copy_(last.unsqueeze(1))
 
 
 @dataclass(frozen=True)
@@ -123,4 +124,4 @@ class ObservationWindowAttention(Statistic):
     def update(self, value: torch.Tensor, seen: Observation) -> torch.Tensor:
         in_window = seen.query_index >= (seen.seen.view(-1, 1) - self.window)  # [b, r]
         probs = aggregate_group(seen.probs, self.gqa) * in_window.view(in_window.shape[0], 1, -1, 1)
-        return value + probs.sum(dim=2)
+        return value.add_(probs.sum(dim=2))
