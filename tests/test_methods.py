@@ -2,8 +2,6 @@
 
 from __future__ import annotations
 
-import math
-
 import pytest
 import torch
 
@@ -89,6 +87,7 @@ def test_statistics_update_from_hand_made_attention():
     probs = torch.tensor([[[[[0.5, 0.3, 0.2], [0.1, 0.1, 0.8]], [[0.7, 0.2, 0.1], [0.3, 0.3, 0.4]]]]])  # [1,1,2,2,3]
     visible = torch.ones(1, 1, 2, 3, dtype=torch.bool)
     seen = Observation(probs, visible, torch.tensor([[0, 1]]), torch.tensor([3]))
+
     def fresh() -> torch.Tensor:
         return torch.zeros(1, 1, 3)
 

@@ -649,9 +649,7 @@ def _cast(tensor: torch.Tensor, dtype: torch.dtype) -> torch.Tensor:
     return tensor if tensor.dtype == dtype else tensor.to(dtype)
 
 
-def _new_token_validity(
-    mask: torch.Tensor, kept: int, length: int, batch: int, device: torch.device
-) -> torch.Tensor:
+def _new_token_validity(mask: torch.Tensor, kept: int, length: int, batch: int, device: torch.device) -> torch.Tensor:
     """Which of a call's ``length`` new tokens are real (not padding) ``[batch, length]``, read off the
     diagonal of transformers' 4D mask (a padding token is masked as a key for every query, itself included)."""
     rows = torch.arange(length, device=mask.device)
