@@ -243,7 +243,7 @@ class KVMergeLayer(CacheLayerMixin):
         """Evict each row's ``dropped`` slot ``[b, h, 1]`` without compaction: swap it with the last slot
         (the newest entry) in every per-entry tensor and let the buffers keep that slot as room."""
         n = before.index.shape[-1]
-        last = self._in_place_slots(*dropped.shape[:2], n)[2]  # [b, h, 1]
+        kept_slots, evicted, last = self._in_place_slots(*dropped.shape[:2], n)  # last: [b, h, 1]
         pair, swapped = torch.cat((dropped, last), dim=-1), torch.cat((last, dropped), dim=-1)  # [b, h, 2]
         named = self._named(before)
         spread = {(): (pair, swapped)}  # the pair's slots over each shape of trailing dims
@@ -258,7 +258,6 @@ class KVMergeLayer(CacheLayerMixin):
         held = {name: tensor.narrow(2, 0, n - 1) for name, tensor in named.items()}
 
         def eviction() -> Eviction:
-            kept_slots, evicted, _ = self._in_place_slots(*dropped.shape[:2], n)
             return Eviction(before, self._entries(held), kept_slots, evicted, self.absorber_state, last, False)
 
         self._finish(held, eviction)
