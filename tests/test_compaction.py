@@ -1,6 +1,7 @@
 """The cache's fast paths (issue 5): the decoding step's one-entry eviction equals the full ranking, in
 any slot order; evicting in place (no compaction) holds exactly what compaction holds, step after step;
-the buffers keep room for one step so that appending does not reallocate the cache; and CaM's
+the buffers keep room for one step so that appending does not reallocate the cache; compressing all
+layers' decoding steps at once gives bit for bit what compressing them one by one gives; and CaM's
 one-eviction path merges exactly as its general path."""
 
 from __future__ import annotations
@@ -11,7 +12,7 @@ from torch import nn
 
 import kvmerge
 from kvmerge.absorbers.less import LessKernels, save_kernels
-from kvmerge.cache import KVMergeLayer
+from kvmerge.cache import KVMergeCache, KVMergeLayer, LayerStack
 from kvmerge.method import Entries, Eviction
 from tests.conftest import VOCAB, tiny_model
 
@@ -109,6 +110,66 @@ def test_evicting_in_place_holds_what_compaction_holds(method, less_kernels):
             torch.testing.assert_close(tensor, slow.absorber_state[name], atol=1e-5, rtol=1e-5, msg=name)
 
 
+@pytest.mark.parametrize("family", ["llama", "qwen2"])
+@pytest.mark.parametrize(
+    "method",
+    ["streaming", "streaming+cam", "h2o", "h2o+cam", "h2o+less", "tova", "scissorhands", "knorm", "random+cam"],
+)
+def test_layers_compressed_together_equal_layer_by_layer(monkeypatch, family, method, less_kernels):
+    """Decoding, then a 5-token call (its steps compact the buffers, unstacking them), then decoding
+    again (stacked anew): the stacked cache's logits and entries equal the layer-by-layer cache's, bit for
+    bit. LESS keeps per-layer state, so its layers always compress one by one."""
+    model = tiny_model(family)
+    ids = torch.randint(0, VOCAB, (2, 60), generator=torch.Generator().manual_seed(5))
+    options = {"kernels": less_kernels} if method.endswith("+less") else {}
+    together = kvmerge.make_cache(model, method, 12, chunk_size=4, **options)
+    alone = KVMergeCache(together.method, len(together.layers), compress_together=False)
+    stackings = []
+    stack = LayerStack._stack
+    monkeypatch.setattr(LayerStack, "_stack", lambda self: stackings.append(stack(self)) or stackings[-1])
+    calls = [(0, 20), *((t, t + 1) for t in range(20, 40)), (40, 45), *((t, t + 1) for t in range(45, 60))]
+    with torch.no_grad():
+        logits = [[model(ids[:, s:e], past_key_values=cache).logits for s, e in calls] for cache in (together, alone)]
+    assert all(torch.equal(a, b) for a, b in zip(*logits, strict=True))
+    for stacked, single in zip(together.layers, alone.layers, strict=True):
+        for name, tensor in stacked._named(stacked.entries).items():
+            assert torch.equal(tensor, single._named(single.entries)[name]), name
+    assert stackings == ([] if method.endswith("+less") else [True, True])
+
+
+def test_the_stack_lets_go_of_its_buffers_when_a_layer_compresses_alone():
+    model = tiny_model("llama")
+    ids = torch.randint(0, VOCAB, (1, 40), generator=torch.Generator().manual_seed(7))
+    cache = kvmerge.make_cache(model, "h2o+cam", 12, chunk_size=4)
+    stack = cache.layers[0].stack
+    with torch.no_grad():
+        model(ids[:, :20], past_key_values=cache)
+        model(ids[:, 20:21], past_key_values=cache)
+        shared = {layer.keys.untyped_storage().data_ptr() for layer in cache.layers}
+        assert stack._full and len(shared) == 1  # every layer's keys live in one buffer
+        model(ids[:, 21:26], past_key_values=cache)  # steps of 1 and 4 tokens: each layer compresses alone
+        assert stack._stacked is None and not stack._full and not stack._slices
+        model(ids[:, 26:27], past_key_values=cache)
+    assert {layer.keys.untyped_storage().data_ptr() for layer in cache.layers} == {
+        stack._full["keys"].untyped_storage().data_ptr()
+    }
+
+
+@pytest.mark.parametrize("method", ["h2o+cam", "tova"])
+def test_beam_search_reorders_stacked_layers(method):
+    """Beam search reorders the cache's rows every step (the layers leave the stack and rejoin it)."""
+    model = tiny_model("llama")
+    ids = torch.randint(1, VOCAB, (1, 24), generator=torch.Generator().manual_seed(6))
+    outputs = []
+    for together in (True, False):
+        cache = KVMergeCache(kvmerge.make_method(method, 10), 2, compress_together=together)
+        kvmerge.make_cache(model, method, 10)  # switches the model to kvmerge attention
+        outputs.append(
+            model.generate(ids, past_key_values=cache, num_beams=3, max_new_tokens=12, do_sample=False, pad_token_id=0)
+        )
+    assert torch.equal(*outputs)
+
+
 def test_evicting_in_place_copies_two_entries_per_row():
     layer = layer_over_budget("h2o", budget=6, heads=2, batch=1)
     layer.stats["accumulated_attention"] = torch.tensor([[[9.0, 5, 1, 7, 8, 6, 4], [9.0, 0.5, 3, 7, 8, 6, 4]]])
@@ -132,8 +193,8 @@ def test_decoding_holds_the_budget_with_room_for_one_entry():
     for layer in cache.layers:
         entry = layer.keys.shape[0] * layer.keys.shape[1] * layer.keys.shape[-1] * layer.keys.element_size()
         assert layer.kv_bytes() == 2 * 16 * entry  # exact: kept entries x bytes per entry
-        # room for one decoding step: one entry per row beyond the budget
-        assert layer.keys.untyped_storage().nbytes() == (16 + 1) * entry
+        # room for one decoding step: one entry per row beyond the budget, in a buffer all layers share
+        assert layer.keys.untyped_storage().nbytes() == len(cache.layers) * (16 + 1) * entry
 
 
 def test_appending_writes_into_the_room_in_place():
@@ -161,7 +222,7 @@ def test_room_is_kept_for_decoding_only():
         assert layer.keys.untyped_storage().nbytes() == 20 * entry  # after steps of 8 tokens: no room
         model(ids[:, :1], past_key_values=cache)
     assert layer.kv_bytes() == 2 * 20 * entry
-    assert layer.keys.untyped_storage().nbytes() == 21 * entry
+    assert layer.keys.untyped_storage().nbytes() == len(cache.layers) * 21 * entry  # one buffer for all layers
 
 
 @pytest.mark.parametrize("seed", range(3))

@@ -7,7 +7,7 @@ import torch
 from transformers import AttentionInterface, DynamicCache
 
 import kvmerge
-from kvmerge.cache import KVMergeLayer
+from kvmerge.cache import KVMergeLayer, LayerStack
 from tests.conftest import FAMILIES, VOCAB, tiny_model
 
 COMPRESSING = [m for m in kvmerge.method_names() if m != "full" and not m.endswith("+less")]  # LESS: test_less.py
@@ -59,24 +59,36 @@ def test_budget_at_least_length_gives_full_logits(family, method):
 
 
 def record_evictions(monkeypatch) -> dict[int, list[tuple[int, torch.Tensor]]]:
-    """Patch ``KVMergeLayer.compress`` to log, per layer, (step, positions evicted ``[kv_heads, k]`` bool)."""
+    """Patch the cache's two ways of compressing (a layer alone, or the layers stacked) to log, per
+    layer, (step, positions evicted ``[kv_heads, k]`` bool)."""
     log: dict[int, list[tuple[int, torch.Tensor]]] = {}
-    original = KVMergeLayer.compress
 
-    def compress(self):
-        before = self.index.clone()
-        original(self)
-        step = int(self.valid_seen[0]) - 1
+    def note(layer: KVMergeLayer, before: torch.Tensor) -> None:
+        step = int(layer.valid_seen[0]) - 1
         heads = before.shape[1]
         kept = torch.zeros(heads, step + 1, dtype=torch.bool)
-        for h in range(heads):
-            kept[h, self.index[0, h][self.index[0, h] >= 0]] = True
         was = torch.zeros(heads, step + 1, dtype=torch.bool)
         for h in range(heads):
+            kept[h, layer.index[0, h][layer.index[0, h] >= 0]] = True
             was[h, before[0, h][before[0, h] >= 0]] = True
-        log.setdefault(self.layer_idx, []).append((step, was & ~kept))
+        log.setdefault(layer.layer_idx, []).append((step, was & ~kept))
 
-    monkeypatch.setattr(KVMergeLayer, "compress", compress)
+    compress, compress_stacked = KVMergeLayer.compress, LayerStack._compress_stacked
+
+    def compress_alone(self):
+        before = self.index.clone()
+        compress(self)
+        if isinstance(self.layer_idx, int):  # else the layers stacked as one, noted below
+            note(self, before)
+
+    def compress_together(self):
+        before = [layer.index.clone() for layer in self.layers]
+        compress_stacked(self)
+        for layer, index in zip(self.layers, before, strict=True):
+            note(layer, index)
+
+    monkeypatch.setattr(KVMergeLayer, "compress", compress_alone)
+    monkeypatch.setattr(LayerStack, "_compress_stacked", compress_together)
     return log
 
 
@@ -123,6 +135,8 @@ def test_eviction_equals_full_attention_under_mask(monkeypatch, family, method):
         ours += [model(ids[:, t : t + 1], past_key_values=cache).logits for t in range(25, 40)]
     ours = torch.cat(ours, dim=1)
     assert sum(len(v) for v in log.values()) > 0
+    layer = cache.layers[0]  # decoding compressed all layers at once, where it evicts one entry in place
+    assert (layer.stack._stacked is not None) == (layer._evicts_in_place and not layer.method.selector.adaptive)
     reference = masked_reference(model, ids, log)
     torch.testing.assert_close(ours, reference, atol=2e-5, rtol=1e-4)
     # and the compression was not a no-op

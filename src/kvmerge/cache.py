@@ -71,6 +71,7 @@ class KVMergeLayer(CacheLayerMixin):
         self.layer_idx = layer_idx
         self.key_rotation = key_rotation
         self.record_evictions = record_evictions
+        self.stack: LayerStack | None = None  # set by the cache whose layers compress decoding steps together
         self.seen = 0
         self._pending: tuple[torch.Tensor, torch.Tensor] | None = None
         # decoding's single evictions happen in place unless the method needs slots in position order
@@ -124,6 +125,8 @@ class KVMergeLayer(CacheLayerMixin):
         return self.seen
 
     def get_mask_sizes(self, query_length: int) -> tuple[int, int]:
+        if self.stack is not None:
+            self.stack.settle()
         kept = self.keys.shape[-2] if self.is_initialized else 0
         return kept + query_length, self.seen - kept
 
@@ -131,6 +134,9 @@ class KVMergeLayer(CacheLayerMixin):
         return -1
 
     def reset(self) -> None:
+        if self.stack is not None:
+            self.stack.pending.clear()
+            self.stack.unstack()
         self.is_initialized = False
         self.keys = self.values = None
         self.seen = 0
@@ -162,6 +168,8 @@ class KVMergeLayer(CacheLayerMixin):
         ``query`` is ``[batch, q_heads, q, head_dim]``; ``attention_mask`` is transformers' mask for
         the call. Returns the attention output ``[batch, q, q_heads, head_dim]``.
         """
+        if self.stack is not None and self in self.stack.pending:  # a model that skipped the last layer
+            self.stack.settle()
         new_keys, new_values = self._pending
         self._pending = None
         length = new_keys.shape[-2]
@@ -188,8 +196,13 @@ class KVMergeLayer(CacheLayerMixin):
             keys, values, step_valid = (_span(t, start, stop) for t in (new_keys, new_values, valid))
             self._append(keys, values, step_valid, padded)
             outputs.append(self._attend_step(_span(query, start, stop), step_valid, scaling))
+            deferred = False
             if self._should_compress(first_call):
-                self.compress()
+                deferred = length == 1 and self._defer()
+                if not deferred:
+                    self.compress()
+        if self.stack is not None:
+            self.stack.attended(self, deferred)
         return outputs[0] if len(outputs) == 1 else torch.cat(outputs, dim=1)
 
     def set_budgets(self, prompt_lengths: torch.Tensor) -> None:
@@ -295,6 +308,21 @@ class KVMergeLayer(CacheLayerMixin):
         self._buffers = {}
         self.ordered = True
         return self.entries, rows.pick(scores)
+
+    def _defer(self) -> bool:
+        """Leave this decoding step's compression to the layer stack, if it is an in-place eviction the
+        stack can do (see :class:`LayerStack`)."""
+        absorber = self.method.absorber
+        deferred = (
+            self.stack is not None
+            and self._evicts_in_place
+            and not self.record_evictions
+            and (absorber is None or not absorber.layerwise)
+            and self._one_over_budget(self.index.shape[-1])
+        )
+        if deferred:
+            self.stack.pending.append(self)
+        return deferred
 
     def _one_over_budget(self, n: int) -> bool:
         """Whether every row holds exactly its budget plus one valid entry (the decoding step)."""
@@ -544,6 +572,9 @@ class KVMergeLayer(CacheLayerMixin):
         return bool(((self.index >= 0).sum(-1).amax(-1) > self.budgets).any())
 
     def _map_batch(self, fn: Callable[[torch.Tensor], torch.Tensor]) -> None:
+        if self.stack is not None:  # the rows move to new buffers
+            self.stack.settle()
+            self.stack.unstack()
         if not self.is_initialized:
             return
         self.keys, self.values, self.index, self.rotated_at = map(
@@ -557,16 +588,125 @@ class KVMergeLayer(CacheLayerMixin):
             self.budgets, self.recent = fn(self.budgets), fn(self.recent)
 
 
+class LayerStack:
+    """Compresses the decoding steps of a cache's layers together.
+
+    A decoding step that evicts one entry per row in place runs the same few dozen small ops in every
+    layer, and on a CPU such ops cost their launch, not their size. So each layer leaves that step's
+    compression here (``pending``), and after the last layer's attention the stack compresses them
+    all as one layer whose batch is every layer's rows: the layers' per-entry buffers are slices of
+    one buffer ``[layers * batch, kv_heads, n, ...]`` (layer-major), and the method sees ``layer_idx``
+    per row, ``[layers * batch, 1, 1]``. A layer's compression reads and writes only its own rows,
+    and nothing reads a layer's cache between its attention and its next one, so this is exactly
+    compressing each layer after its attention. The buffers are stacked (copied) once, when decoding
+    first reaches the budget, and stay stacked while every layer evicts in place.
+    """
+
+    def __init__(self, layers: list[KVMergeLayer]):
+        self.layers = layers
+        self.pending: list[KVMergeLayer] = []
+        self._stacked: KVMergeLayer | None = None  # the layers as one
+        self._full: dict[str, torch.Tensor] = {}  # the stacked buffers by name, each full (one over budget)
+        # per layer: its slices of the buffers, and the first n - 1 entries of each (held after an eviction)
+        self._slices: list[tuple[dict[str, torch.Tensor], dict[str, torch.Tensor]]] = []
+
+    def attended(self, layer: KVMergeLayer, deferred: bool) -> None:
+        """``layer`` finished its attention call, leaving its compression to the stack or not: after
+        the last layer, compress the deferred ones. A layer that compressed alone may have left the
+        stacked buffers, so they are let go (not held beside the layers' new ones)."""
+        if not deferred:
+            self.unstack()
+        if layer is self.layers[-1]:
+            self.settle()
+
+    def unstack(self) -> None:
+        """Let go of the stacked buffers (the layers keep what they hold); stacked anew when needed."""
+        self._stacked, self._full, self._slices = None, {}, []
+
+    def settle(self) -> None:
+        """Compress every layer that deferred: together when all did, else one by one."""
+        if not self.pending:
+            return
+        pending, self.pending = self.pending, []
+        if not self._is_stacked():
+            self.unstack()
+        if len(pending) == len(self.layers) and (self._stacked is not None or self._stack()):
+            self._compress_stacked()
+        else:
+            for layer in pending:
+                layer.compress()
+
+    def _is_stacked(self) -> bool:
+        """Whether every layer still holds, full, its slices of the stacked buffers."""
+        if self._stacked is None:
+            return False
+        n = self._full["index"].shape[2]
+        return all(
+            layer.index.shape[-1] == n and all(layer._buffers.get(name) is part for name, part in full.items())
+            for layer, (full, _) in zip(self.layers, self._slices, strict=True)
+        )
+
+    def _stack(self) -> bool:
+        """Copy the layers' per-entry tensors into stacked buffers; ``False`` when their shapes differ."""
+        first = self.layers[0]
+        named = [layer._named(layer.entries) for layer in self.layers]
+        same = all(
+            layer.budget_max == first.budget_max
+            and all(t.shape == named[0][k].shape and t.dtype == named[0][k].dtype for k, t in held.items())
+            for layer, held in zip(self.layers, named, strict=True)
+        )
+        if not same:
+            return False
+        self._full = {name: torch.cat([held[name] for held in named]) for name in named[0]}
+        batch, n = first.index.shape[0], first.index.shape[-1]
+        layer_ids = torch.tensor([layer.layer_idx for layer in self.layers], device=first.device)
+        stacked = KVMergeLayer(first.method, layer_ids.repeat_interleave(batch).view(-1, 1, 1))
+        stacked.lazy_initialization(self._full["keys"], self._full["values"])
+        stacked.budgets = torch.cat([layer.budgets for layer in self.layers])
+        stacked.recent = torch.cat([layer.recent for layer in self.layers])
+        stacked.budget_max, stacked.budget_min, stacked.sink = first.budget_max, first.budget_min, first.sink
+        stacked.compressions = 1
+        stacked._buffers = dict(self._full)
+        self._stacked, self._slices = stacked, []
+        for i, layer in enumerate(self.layers):
+            full = {name: buffer.narrow(0, i * batch, batch) for name, buffer in self._full.items()}
+            self._slices.append((full, {name: part.narrow(2, 0, n - 1) for name, part in full.items()}))
+            layer._buffers = dict(full)
+            layer._hold(full)
+        return True
+
+    def _compress_stacked(self) -> None:
+        stacked = self._stacked
+        stacked.valid_seen = torch.cat([layer.valid_seen for layer in self.layers])
+        stacked._hold(self._full)
+        stacked.compress()
+        for layer, (_, held) in zip(self.layers, self._slices, strict=True):
+            layer._hold(held)
+            layer.ordered = False
+            layer.compressions += 1
+            layer.since_compression = 0
+
+
 class KVMergeCache(Cache):
     """A transformers ``Cache`` bounded by a :class:`~kvmerge.method.Method`; build it with
-    :func:`kvmerge.make_cache`."""
+    :func:`kvmerge.make_cache`. ``compress_together`` lets a :class:`LayerStack` compress the layers'
+    decoding steps at once (the same result; off: layer by layer, for comparison)."""
 
     def __init__(
-        self, method: Method, num_layers: int, key_rotation: KeyRotation | None = None, record_evictions: bool = False
+        self,
+        method: Method,
+        num_layers: int,
+        key_rotation: KeyRotation | None = None,
+        record_evictions: bool = False,
+        compress_together: bool = True,
     ):
         layers = [KVMergeLayer(method, i, key_rotation, record_evictions) for i in range(num_layers)]
         super().__init__(layers=layers)
         self.method = method
+        if compress_together:
+            stack = LayerStack(layers)
+            for layer in layers:
+                layer.stack = stack
 
     def update(
         self, key_states: torch.Tensor, value_states: torch.Tensor, layer_idx: int, *args, **kwargs

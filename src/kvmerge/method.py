@@ -34,7 +34,9 @@ class Entries:
     seen:
         ``[batch]`` tokens each sequence has seen so far (padding not counted).
     layer_idx:
-        The model layer these entries belong to.
+        The model layer these entries belong to: an int, or ``[batch, 1, 1]`` int64 per row when the
+        cache compresses several layers at once, their rows stacked along the batch (see
+        :class:`~kvmerge.cache.LayerStack`).
     """
 
     keys: torch.Tensor
@@ -42,7 +44,7 @@ class Entries:
     index: torch.Tensor
     stats: dict[str, torch.Tensor]
     seen: torch.Tensor
-    layer_idx: int
+    layer_idx: int | torch.Tensor
 
 
 @dataclass(frozen=True)
@@ -123,6 +125,7 @@ class Absorber:
     description: ClassVar[str]
     schedule: ClassVar[str | None] = None  # the only schedule the absorber supports, if any
     attends: ClassVar[bool] = False  # whether state_attention contributes
+    layerwise: ClassVar[bool] = False  # whether absorb() needs one layer at a time (an int layer_idx)
     needs_position_order: ClassVar[bool] = False  # whether absorb() needs ``before`` in position order
 
     def statistics(self, config: CompressionConfig) -> tuple[Statistic, ...]:

@@ -21,16 +21,23 @@ def _mix(x: torch.Tensor | int) -> torch.Tensor | int:
 
 
 def hashed_uniform(
-    seed: int, layer_idx: int, heads: torch.Tensor, positions: torch.Tensor, step: torch.Tensor | None = None
+    seed: int,
+    layer_idx: int | torch.Tensor,
+    heads: torch.Tensor,
+    positions: torch.Tensor,
+    step: torch.Tensor | None = None,
 ) -> torch.Tensor:
     """Uniform floats in [0, 1), one per element of the broadcast of ``heads``, ``positions`` (and ``step``,
     for draws that must change over time)."""
     return uniform_at(_mix(heads.long() ^ _layer_key(seed, layer_idx)), positions, step)
 
 
-def head_keys(seed: int, layer_idx: int, heads: int, device: torch.device | str = "cpu") -> torch.Tensor:
-    """``[1, heads, 1]``: the part of :func:`hashed_uniform`'s hash fixed by (seed, layer, KV head), for
-    :func:`uniform_at`; cached (never modify it in place)."""
+def head_keys(seed: int, layer_idx: int | torch.Tensor, heads: int, device: torch.device | str = "cpu") -> torch.Tensor:
+    """``[1, heads, 1]`` (``[rows, heads, 1]`` for ``layer_idx`` ``[rows, 1, 1]``): the part of
+    :func:`hashed_uniform`'s hash fixed by (seed, layer, KV head), for :func:`uniform_at`; cached for
+    an int layer (never modify it in place)."""
+    if isinstance(layer_idx, torch.Tensor):
+        return _mix(torch.arange(heads, device=device).view(1, -1, 1) ^ _layer_key(seed, layer_idx))
     return _head_keys(seed, layer_idx, heads, torch.device(device))
 
 
@@ -48,5 +55,5 @@ def uniform_at(keys: torch.Tensor, positions: torch.Tensor, step: torch.Tensor |
     return (x >> 8).float() * 2.0**-24  # the top 24 bits: exact in float32, always < 1
 
 
-def _layer_key(seed: int, layer_idx: int) -> int:
+def _layer_key(seed: int, layer_idx: int | torch.Tensor) -> int | torch.Tensor:
     return _mix(_mix(seed & _MASK32) ^ (layer_idx & _MASK32))

@@ -128,7 +128,7 @@ def _gate(
     neighbour_sum: torch.Tensor,
     neighbour_count: torch.Tensor,
     positions: torch.Tensor,
-    layer_idx: int,
+    layer_idx: int | torch.Tensor,
     seed: int,
 ) -> torch.Tensor:
     """CaM's Bernoulli merge decision ``[b, h, e]`` for evicted entries with attention ``Ā_i``, their

@@ -70,6 +70,7 @@ class LESS(Absorber):
 
     name = "less"
     attends = True
+    layerwise = True  # per-layer kernels and state
     description = "LESS: a learned constant-size low-rank state absorbs every evicted entry (needs kernels=DIR)"
 
     def __post_init__(self) -> None:
