@@ -100,7 +100,7 @@ class KVMergeLayer(CacheLayerMixin):
         self._buffers: dict[str, torch.Tensor] = {}  # what the per-entry tensors are views of, by name
         self._step_rows = 0  # rows of the last step appended
         self.ordered = True  # whether slots are in position order
-        self._all_true: dict[tuple[int, ...], torch.Tensor] = {}
+        self._constants: dict[tuple, torch.Tensor] = {}
         self._slots_of_shape: tuple = ((), None, None, None)
         self.is_initialized = True
 
@@ -461,7 +461,7 @@ class KVMergeLayer(CacheLayerMixin):
         index = self._step_index.unsqueeze(1).expand(batch, heads, rows)
         new = {"keys": keys, "values": values, "index": index}
         for stat in self.method.statistics:
-            new[f"stats.{stat.name}"] = torch.zeros(batch, heads, rows, dtype=stat.dtype, device=self.device)
+            new[f"stats.{stat.name}"] = self._constant(0, stat.dtype, (batch, heads, rows))
         if self.key_rotation is not None:
             new["rotated_at"] = index
         held = self._named(self.entries)
@@ -554,11 +554,16 @@ class KVMergeLayer(CacheLayerMixin):
 
     def _true(self, *shape: int) -> torch.Tensor:
         """An all-true bool tensor of ``shape``, kept between steps (read-only)."""
-        if shape not in self._all_true:
-            if len(self._all_true) > 8:  # shapes of earlier steps
-                self._all_true.clear()
-            self._all_true[shape] = torch.ones(shape, dtype=torch.bool, device=self.device)
-        return self._all_true[shape]
+        return self._constant(True, torch.bool, shape)
+
+    def _constant(self, value: float, dtype: torch.dtype, shape: tuple[int, ...]) -> torch.Tensor:
+        """A tensor of ``shape`` filled with ``value``, kept between steps (read-only)."""
+        key = (value, dtype, shape)
+        if key not in self._constants:
+            if len(self._constants) > 8:  # shapes of earlier steps
+                self._constants.clear()
+            self._constants[key] = torch.full(shape, value, dtype=dtype, device=self.device)
+        return self._constants[key]
 
     def _should_compress(self, first_call: bool) -> bool:
         config = self.method.config
@@ -773,7 +778,7 @@ def _extend(
         buffer = new.new_empty(*held.shape[:2], n + r + room, *held.shape[3:])
         buffer.narrow(2, 0, n).copy_(held)
     buffer.narrow(2, n, r).copy_(new)
-    return buffer.narrow(2, 0, n + r), buffer
+    return (buffer if n + r == buffer.shape[2] else buffer.narrow(2, 0, n + r)), buffer
 
 
 def _span(tensor: torch.Tensor, start: int, stop: int, dim: int | None = None) -> torch.Tensor:
