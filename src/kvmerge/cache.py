@@ -652,11 +652,13 @@ class LayerStack:
         )
 
     def _stack(self) -> bool:
-        """Copy the layers' per-entry tensors into stacked buffers; ``False`` when their shapes differ."""
+        """Copy the layers' per-entry tensors into stacked buffers; ``False`` when their shapes, dtypes or
+        devices (``device_map``) differ."""
         first = self.layers[0]
         named = [layer._named(layer.entries) for layer in self.layers]
         same = all(
             layer.budget_max == first.budget_max
+            and layer.device == first.device
             and all(t.shape == named[0][k].shape and t.dtype == named[0][k].dtype for k, t in held.items())
             for layer, held in zip(self.layers, named, strict=True)
         )
@@ -681,6 +683,7 @@ class LayerStack:
         return True
 
     def _compress_stacked(self) -> None:
+        """One in-place eviction for every layer's rows, then each layer holds its kept slices."""
         stacked = self._stacked
         stacked.valid_seen = torch.cat([layer.valid_seen for layer in self.layers])
         stacked._hold(self._full)
