@@ -10,7 +10,7 @@ from kvmerge.absorbers.cam import merge_gate
 from kvmerge.cache import KVMergeLayer
 from kvmerge.config import CompressionConfig
 from kvmerge.registry import build_method
-from kvmerge.rng import hashed_uniform
+from kvmerge.rng import hashed_uniform, head_keys, uniform_at
 from kvmerge.stats import (
     AccumulatedAttention,
     AttentionHistory,
@@ -198,6 +198,17 @@ def test_hashed_uniform_is_uniform_and_seeded():
     assert torch.equal(u, hashed_uniform(0, 3, torch.tensor(1), positions))
     assert not torch.equal(u, hashed_uniform(1, 3, torch.tensor(1), positions))
     assert not torch.equal(u, hashed_uniform(0, 4, torch.tensor(1), positions))
+
+
+def test_head_keys_of_stacked_layers_are_each_layers_keys():
+    layers = torch.tensor([0, 0, 3, 3, 7, 7]).view(-1, 1, 1)  # three layers of batch 2, stacked
+    stacked = head_keys(5, layers, 4)
+    assert stacked.shape == (6, 4, 1)
+    for row, layer in enumerate(layers.view(-1).tolist()):
+        assert torch.equal(stacked[row], head_keys(5, layer, 4)[0])
+    positions = torch.arange(6 * 4 * 3).view(6, 4, 3)
+    heads = torch.arange(4).view(1, -1, 1)
+    assert torch.equal(uniform_at(stacked, positions), hashed_uniform(5, layers, heads, positions))
 
 
 def test_cam_gate_draws_depend_on_the_seed():
