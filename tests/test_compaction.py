@@ -14,6 +14,7 @@ import kvmerge
 from kvmerge.absorbers.less import LessKernels, save_kernels
 from kvmerge.cache import KVMergeCache, KVMergeLayer, LayerStack
 from kvmerge.method import Entries, Eviction
+from kvmerge.slots import _flat_rows, add_to_slots, copy_slots
 from tests.conftest import VOCAB, tiny_model
 
 
@@ -168,6 +169,41 @@ def test_beam_search_reorders_stacked_layers(method):
             model.generate(ids, past_key_values=cache, num_beams=3, max_new_tokens=12, do_sample=False, pad_token_id=0)
         )
     assert torch.equal(*outputs)
+
+
+@pytest.mark.parametrize(
+    ("shape", "kept", "flat"),
+    [
+        ((2, 3, 10, 4), 7, True),  # a prefix of a buffer with room
+        ((1, 3, 10, 4), 10, True),
+        ((2, 1, 10), 5, True),  # statistics: no trailing dims
+        ((1, 1, 10, 2), 9, True),
+        ((3, 10, 2, 4), 7, False),  # entries not along dim 2 of the buffer: the element-wise ops
+    ],
+)
+def test_slot_updates_equal_gather_and_scatter(shape, kept, flat):
+    generator = torch.Generator().manual_seed(8)
+    buffer = torch.randn(shape, generator=generator)
+    tensor = buffer.narrow(2, 0, kept) if flat else buffer.transpose(1, 2).narrow(2, 0, kept)
+    assert (_flat_rows(tensor) is not None) == flat
+    batch, heads, tail = tensor.shape[0], tensor.shape[1], tensor.shape[3:]
+
+    def spread(slots):
+        return slots.view(*slots.shape, *(1,) * len(tail)).expand(*slots.shape, *tail)
+
+    source = torch.randint(0, kept, (batch, heads, 2), generator=generator)
+    expected = tensor.clone()
+    expected.scatter_(2, spread(source.flip(-1)), expected.gather(2, spread(source)))
+    copy_slots([tensor], source, source.flip(-1))
+    assert torch.equal(tensor, expected)
+    slots = torch.randint(0, kept, (batch, heads, 6), generator=generator)  # repeats add up
+    values = torch.randn(batch, heads, 6, *tail, generator=generator)
+    expected.scatter_add_(2, spread(slots), values)
+    outside = buffer.narrow(2, kept, shape[2] - kept).clone() if flat else None
+    add_to_slots(tensor, slots, values)
+    torch.testing.assert_close(tensor, expected)
+    if flat:  # the room past the prefix is untouched
+        assert torch.equal(buffer.narrow(2, kept, shape[2] - kept), outside)
 
 
 def test_evicting_in_place_copies_two_entries_per_row():

@@ -25,6 +25,7 @@ from transformers.integrations.sdpa_attention import sdpa_attention_forward
 
 from kvmerge.method import Entries, Eviction, Method
 from kvmerge.positions import KeyRotation
+from kvmerge.slots import copy_slots
 from kvmerge.stats import Observation
 
 _handoff = threading.local()
@@ -259,15 +260,7 @@ class KVMergeLayer(CacheLayerMixin):
         kept_slots, evicted, last = self._in_place_slots(*dropped.shape[:2], n)  # last: [b, h, 1]
         pair, swapped = torch.cat((dropped, last), dim=-1), torch.cat((last, dropped), dim=-1)  # [b, h, 2]
         named = self._named(before)
-        spread = {(): (pair, swapped)}  # the pair's slots over each shape of trailing dims
-        for tensor in named.values():
-            tail = tensor.shape[3:]
-            if tail not in spread:
-                spread[tail] = tuple(
-                    t.view(*t.shape, *(1,) * len(tail)).expand(*t.shape, *tail) for t in (pair, swapped)
-                )
-            at, to = spread[tail]
-            tensor.scatter_(2, to, tensor.gather(2, at))  # swap the two entries
+        copy_slots(list(named.values()), pair, swapped)  # swap the two entries
         held = {name: tensor.narrow(2, 0, n - 1) for name, tensor in named.items()}
 
         def eviction() -> Eviction:
