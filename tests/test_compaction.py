@@ -14,7 +14,7 @@ import kvmerge
 from kvmerge.absorbers.less import LessKernels, save_kernels
 from kvmerge.cache import KVMergeCache, KVMergeLayer, LayerStack
 from kvmerge.method import Entries, Eviction
-from kvmerge.slots import _flat_rows, add_to_slots, copy_slots
+from kvmerge.slots import _flat_rows, add_to_slots, copy_slots, read_slots
 from tests.conftest import VOCAB, tiny_model
 
 
@@ -192,6 +192,7 @@ def test_slot_updates_equal_gather_and_scatter(shape, kept, flat):
         return slots.view(*slots.shape, *(1,) * len(tail)).expand(*slots.shape, *tail)
 
     source = torch.randint(0, kept, (batch, heads, 2), generator=generator)
+    assert torch.equal(read_slots(tensor, source), tensor.gather(2, spread(source)))
     expected = tensor.clone()
     expected.scatter_(2, spread(source.flip(-1)), expected.gather(2, spread(source)))
     copy_slots([tensor], source, source.flip(-1))

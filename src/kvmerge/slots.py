@@ -15,6 +15,16 @@ import math
 import torch
 
 
+def read_slots(tensor: torch.Tensor, slots: torch.Tensor) -> torch.Tensor:
+    """The entries of ``tensor`` ``[b, h, n, ...]`` in ``slots`` ``[b, h, e]`` -> ``[b, h, e, ...]`` (a copy)."""
+    flat = _flat_rows(tensor)
+    if flat is None:
+        tail = tensor.shape[3:]
+        return tensor.gather(2, slots.view(*slots.shape, *(1,) * len(tail)).expand(*slots.shape, *tail))
+    rows, starts = flat
+    return rows.index_select(0, (slots + starts).view(-1)).view(*slots.shape, *tensor.shape[3:])
+
+
 def copy_slots(tensors: list[torch.Tensor], source: torch.Tensor, target: torch.Tensor) -> None:
     """For each tensor ``[b, h, n, ...]``, copy the entries in slots ``source`` to slots ``target`` (both
     ``[b, h, e]``), in place; every source entry is read before any is written."""

@@ -21,7 +21,7 @@ import torch
 from kvmerge.config import CompressionConfig
 from kvmerge.method import Absorber, Eviction
 from kvmerge.rng import head_keys, uniform_at
-from kvmerge.slots import add_to_slots
+from kvmerge.slots import add_to_slots, read_slots
 from kvmerge.stats import AccumulatedAttention, Statistic
 
 
@@ -67,10 +67,9 @@ class CaM(Absorber):
             before.layer_idx,
             config.seed,
         )
-        d = before.values.shape[-1]
-        merged = before.values.gather(2, slot.unsqueeze(-1).expand(-1, -1, -1, d))  # [b, h, 1, d]
-        weight = (gate & present).to(merged.dtype).unsqueeze(-1)  # [b, h, m, 1]
-        add_to_slots(after.values, neighbours, merged.mul(weight).div_(m))
+        merged = read_slots(before.values, slot)  # [b, h, 1, d]
+        weight = (gate & present).to(merged.dtype).div_(m).unsqueeze(-1)  # [b, h, m, 1]
+        add_to_slots(after.values, neighbours, merged * weight)
 
     def _absorb_several(self, eviction: Eviction, config: CompressionConfig) -> None:
         """Any evictions, ``before`` in position order: each merges in position order (see the module)."""
