@@ -190,14 +190,13 @@ class KVMergeLayer(CacheLayerMixin):
             return out
         step = length if config.schedule == "prefill" else config.chunk_size
         scaling = kwargs.get("scaling") or query.shape[-1] ** -0.5
-        outputs = []
+        outputs, deferred = [], False
         # Steps end at the call's last token, so left padding never shifts a sequence's step boundaries.
         for stop in range(length, 0, -step)[::-1]:
             start = max(stop - step, 0)
             keys, values, step_valid = (_span(t, start, stop) for t in (new_keys, new_values, valid))
             self._append(keys, values, step_valid, padded)
             outputs.append(self._attend_step(_span(query, start, stop), step_valid, scaling))
-            deferred = False
             if self._should_compress(first_call):
                 deferred = length == 1 and self._defer()
                 if not deferred:
