@@ -4,7 +4,7 @@ KV head) names its own slots.
 ``gather``/``scatter`` along the entries do that for any layout but move one element at a time on a
 CPU. The cache's per-entry tensors are prefixes of contiguous buffers, so their entries are rows of
 one flat matrix, and ``index_select``/``index_copy_``/``index_add_`` move whole entries at once
-(10-30x faster for 90-720 rows of 64 floats here); other layouts take the element-wise ops.
+(4-30x faster for 90-720 rows of 64 floats here); other layouts take the element-wise ops.
 """
 
 from __future__ import annotations
