@@ -25,7 +25,7 @@ from transformers.integrations.sdpa_attention import sdpa_attention_forward
 
 from kvmerge.method import Entries, Eviction, Method
 from kvmerge.positions import KeyRotation
-from kvmerge.slots import copy_slots
+from kvmerge.slots import copy_slots, read_slots
 from kvmerge.stats import Observation
 
 _handoff = threading.local()
@@ -239,8 +239,7 @@ class KVMergeLayer(CacheLayerMixin):
         kept, room = slots.shape[-1], int(self._step_rows == 1)  # decoding: room for the next token
         if room:
             slots = torch.cat([slots, slots[..., -1:].expand(*slots.shape[:2], room)], dim=-1)
-        rows = _RowPicker(slots)
-        self._buffers = {name: rows.pick(self._gatherable(name, t)) for name, t in self._named(before).items()}
+        self._buffers = {name: read_slots(t, slots) for name, t in self._named(before).items()}
         held = {name: buffer.narrow(2, 0, kept) for name, buffer in self._buffers.items()}
         has_empty = dropped is None and bool((kept_slots < 0).any())
         if has_empty:
@@ -295,11 +294,11 @@ class KVMergeLayer(CacheLayerMixin):
 
     def _reorder(self, scores: torch.Tensor) -> tuple[Entries, torch.Tensor]:
         """Put the slots back in position order, and ``scores`` ``[b, h, n]`` with them."""
-        rows = _RowPicker(self.index.argsort(dim=-1))
-        self._hold({name: rows.pick(self._gatherable(name, t)) for name, t in self._named(self.entries).items()})
+        order = self.index.argsort(dim=-1)
+        self._hold({name: read_slots(t, order) for name, t in self._named(self.entries).items()})
         self._buffers = {}
         self.ordered = True
-        return self.entries, rows.pick(scores)
+        return self.entries, read_slots(scores, order)
 
     def _defer(self) -> bool:
         """Leave this decoding step's compression to the layer stack, if it is an in-place eviction the
@@ -366,14 +365,6 @@ class KVMergeLayer(CacheLayerMixin):
             return out
 
         return kept_slots, slots, evicted, None
-
-    def _gatherable(self, name: str, held: torch.Tensor) -> torch.Tensor:
-        """``held`` (the per-entry tensor ``name``) as a contiguous tensor whose first entries per row are
-        ``held``'s: the buffer it is a view of (entries past ``held`` are never picked), else a copy."""
-        buffer = self._buffers.get(name)
-        if buffer is not None and _is_prefix_view(held, buffer):
-            return buffer
-        return held.contiguous()
 
     def _named(self, entries: Entries) -> dict[str, torch.Tensor]:
         """Every per-entry tensor ``[batch, kv_heads, n, ...]`` of ``entries`` by name (with this layer's
@@ -732,23 +723,6 @@ class KVMergeCache(Cache):
 
     def __repr__(self) -> str:
         return f"KVMergeCache(method={self.method.name!r}, layers={len(self.layers)}, seen={self.get_seq_length()})"
-
-
-class _RowPicker:
-    """Picks the same ``slots`` ``[batch, kv_heads, k]`` out of tensors ``[batch, kv_heads, n, ...]`` (any n
-    >= the slots), one ``index_select`` of flat rows each; the row numbers are computed once per n."""
-
-    def __init__(self, slots: torch.Tensor):
-        self.slots = slots
-        self._rows: dict[int, torch.Tensor] = {}
-
-    def pick(self, tensor: torch.Tensor) -> torch.Tensor:
-        batch, heads, n = tensor.shape[:3]
-        if n not in self._rows:
-            offsets = torch.arange(0, batch * heads * n, n, device=self.slots.device).view(batch, heads, 1)
-            self._rows[n] = (self.slots + offsets).view(-1)
-        picked = tensor.reshape(batch * heads * n, *tensor.shape[3:]).index_select(0, self._rows[n])
-        return picked.view(batch, heads, -1, *tensor.shape[3:])
 
 
 def _is_prefix_view(held: torch.Tensor, buffer: torch.Tensor) -> bool:

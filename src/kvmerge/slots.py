@@ -28,15 +28,19 @@ def read_slots(tensor: torch.Tensor, slots: torch.Tensor) -> torch.Tensor:
 def copy_slots(tensors: list[torch.Tensor], source: torch.Tensor, target: torch.Tensor) -> None:
     """For each tensor ``[b, h, n, ...]``, copy the entries in slots ``source`` to slots ``target`` (both
     ``[b, h, e]``), in place; every source entry is read before any is written."""
+    flat_slots: dict[int, tuple[torch.Tensor, torch.Tensor]] = {}  # by row starts: tensors of one layout share them
     for tensor in tensors:
         flat = _flat_rows(tensor)
         if flat is None:
             tail = tensor.shape[3:]
             at, to = (s.view(*s.shape, *(1,) * len(tail)).expand(*s.shape, *tail) for s in (source, target))
             tensor.scatter_(2, to, tensor.gather(2, at))
-        else:
-            rows, starts = flat
-            rows.index_copy_(0, (target + starts).view(-1), rows.index_select(0, (source + starts).view(-1)))
+            continue
+        rows, starts = flat
+        if id(starts) not in flat_slots:
+            flat_slots[id(starts)] = ((source + starts).view(-1), (target + starts).view(-1))
+        at, to = flat_slots[id(starts)]
+        rows.index_copy_(0, to, rows.index_select(0, at))
 
 
 def add_to_slots(tensor: torch.Tensor, slots: torch.Tensor, values: torch.Tensor) -> None:
