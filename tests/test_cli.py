@@ -63,9 +63,12 @@ def test_parse_budget_rejects(text):
 def test_methods_lists_every_method(capsys):
     assert main(["methods"]) == 0
     out = capsys.readouterr().out
-    listed = [line.split()[0] for line in out.splitlines()[2:]]
+    methods, parts = out.split("\n\n")[:2]
+    listed = [line.split()[0] for line in methods.splitlines()[2:]]
     assert listed == kvmerge.method_names()
     assert "Cache Merging" in out
+    cam = next(line for line in parts.splitlines() if line.startswith("absorber  cam"))
+    assert "normalizer=max" in cam and "gate=bernoulli" in cam
 
 
 @pytest.mark.parametrize("command", ["methods", "generate", "ppl", "demo", "train-less", "calibrate-kvmerger"])

@@ -225,9 +225,18 @@ def test_perturbation_is_zero_with_room_and_grows_when_tight(tiny, tmp_path):
     text = "The quick brown fox jumps over the lazy dog. " * 20
     roomy = run_perturbation(*tiny, text, ["h2o", "h2o+cam"], [1.0], [0], tokens=48)
     assert len(roomy) == 2 * 2 and all(r["rel_error"] < 1e-5 for r in roomy)
-    tight = run_perturbation(*tiny, text, ["streaming", "streaming+cam"], [0.2], [0], tokens=48, out_dir=tmp_path)
+    tight = run_perturbation(
+        *tiny, text, ["streaming", "streaming+cam"], [0.2], [0], tokens=48, out_dir=tmp_path,
+        options={"normalizer": "mean"},
+    )  # fmt: skip
     assert all(r["rel_error"] > 1e-4 for r in tight)
+    merging = [r for r in tight if r["method"] == "streaming+cam"]
+    assert all(0.0 < r["pass_rate"] <= 1.0 and r["merges_per_step"] > 0 for r in merging)
+    assert all("pass_rate" not in r for r in tight if r["method"] == "streaming")
+    assert all(r["value_norm_max"] >= r["value_norm_mean"] > 0 for r in tight)
     read_results(tmp_path)
+    report = (tmp_path / "results.md").read_text()
+    assert "gate pass rate" in report and (tmp_path / "merging_growth_max_0.2.png").is_file()
 
 
 @needs_data

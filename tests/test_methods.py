@@ -6,7 +6,7 @@ import pytest
 import torch
 
 import kvmerge
-from kvmerge.absorbers.cam import merge_gate
+from kvmerge.absorbers.cam import merge_gate, merge_probability
 from kvmerge.cache import KVMergeLayer
 from kvmerge.config import CompressionConfig
 from kvmerge.registry import build_method
@@ -127,37 +127,129 @@ def test_merge_gate_is_a_draw_below_the_clamped_ratio(evicted, mean, p, count):
     assert gate.tolist() == (draws < p).tolist()
 
 
+@pytest.mark.parametrize(
+    ("evicted", "mean", "p"),
+    [(0.5, 1.0, 0.5), (2.0, 1.0, 1.0), (0.0, 0.0, 0.0), (1.0, 0.0, 1.0), (float("nan"), 1.0, 0.0), (-1.0, 1.0, 0.0)],
+)
+@pytest.mark.parametrize("count", [1, 3])
+def test_merge_probability_is_the_gates_clamped_ratio(evicted, mean, p, count):
+    got = merge_probability(torch.tensor([evicted]), torch.tensor([mean * count]), torch.tensor([count]))
+    assert got.tolist() == pytest.approx([p])
+
+
 def test_merge_gate_never_merges_without_neighbours():
     assert not merge_gate(torch.tensor([0.0, 0.5]), torch.tensor(1.0), torch.tensor(0.0), torch.tensor(0)).any()
 
 
-def test_cam_merges_values_per_formula_and_never_touches_keys():
+def one_by_one(values: torch.Tensor, kept: list[int], m: int, weight_of, reference=None) -> torch.Tensor:
+    """The oracle of CaM's bulk merge for one head's ``values`` ``[n, d]``: the evictions one at a time in
+    position order, each merged with ``weight_of(i, targets) / m`` into the next ``m`` entries still
+    present (a later-evicted one passes on what it received); ``V_i - reference`` when centered."""
+    present, current = list(range(values.shape[0])), values.clone()
+    for i in sorted(set(present) - set(kept)):
+        targets = [k for k in present if k > i][:m]
+        merged = current[i] - (0.0 if reference is None else reference)
+        current[targets] += float(weight_of(i, targets)) * merged / m
+        present.remove(i)
+    return current[kept]
+
+
+def clamped(ratio: torch.Tensor) -> float:
+    return 0.0 if torch.isnan(ratio) else min(max(float(ratio), 0.0), 1.0)
+
+
+@pytest.mark.parametrize("normalizer", ["mean", "max"])
+def test_cam_merges_values_per_formula_and_never_touches_keys(normalizer):
     # 8 entries, budget 5: recent = 2 (6, 7); the 3 heaviest of 0-5 stay, so 3 entries are evicted per head.
     acc = torch.tensor([[[0.9, 0.8, 0.0, 0.7, 0.05, 0.2, 0.4, 0.4], [0.0, 0.6, 0.6, 0.3, 0.6, 0.0, 0.6, 0.6]]])
+    merges = 0
+    for seed in range(8):
+        layer = hand_made_layer(
+            "h2o+cam", 5, positions=8, stats={AccumulatedAttention.name: acc}, merge_window=2, seed=seed,
+            normalizer=normalizer,
+        )  # fmt: skip
+        keys, values = layer.keys.clone(), layer.values.clone()
+        layer.compress()
+        kept = kept_positions(layer)
+        assert kept == [[0, 1, 3, 6, 7], [1, 2, 4, 6, 7]]
+        for h in range(2):
+
+            def gate(i, targets, h=h, kept=kept, seed=seed):
+                # mean: Ā_i / mean(Ā of the targets); max: Ā_i / max(Ā of the kept entries)
+                norm = acc[0, h, targets].mean() if normalizer == "mean" else acc[0, h, kept[h]].max()
+                return hashed_uniform(seed, 0, torch.tensor(h), torch.tensor(i)) < clamped(acc[0, h, i] / norm)
+
+            expected = one_by_one(values[0, h], kept[h], 2, gate)
+            torch.testing.assert_close(layer.values[0, h], expected)
+            torch.testing.assert_close(layer.keys[0, h], keys[0, h, kept[h]])  # keys are never merged
+            merges += int(not torch.equal(expected, values[0, h, kept[h]]))
+    assert merges >= 2  # something was merged
+
+
+@pytest.mark.parametrize("max_over", ["kept", "windows"])
+@pytest.mark.parametrize("centered", [False, True])
+def test_cam_expected_gate_merges_the_probability_per_formula(max_over, centered):
+    # h2o, budget 5, recent 2: 6 and 7 are the window, 0, 1, 3 the heavy hitters kept; 2, 4, 5 are evicted
+    acc = torch.tensor([[[0.9, 0.8, 0.1, 0.7, 0.05, 0.2, 0.4, 0.3], [0.2, 0.6, 0.6, 0.3, 0.6, 0.1, 0.5, 0.7]]])
     layer = hand_made_layer(
-        "h2o+cam", budget=5, positions=8, stats={AccumulatedAttention.name: acc}, merge_window=2, seed=7
-    )
-    keys, values = layer.keys.clone(), layer.values.clone()
+        "h2o+cam", 5, positions=8, stats={AccumulatedAttention.name: acc}, merge_window=3, gate="expected",
+        max_over=max_over, centered=centered,
+    )  # fmt: skip
+    values = layer.values.clone()
     layer.compress()
     kept = kept_positions(layer)
     assert kept == [[0, 1, 3, 6, 7], [1, 2, 4, 6, 7]]
-    merges = 0
     for h in range(2):
-        # The oracle: the evictions one at a time in position order, each merged into the next m = 2
-        # entries still present (a later-evicted one passes on what it received).
-        present, current = list(range(8)), values[0, h].clone()
-        for i in sorted(set(range(8)) - set(kept[h])):
-            after = [k for k in present if k > i][:2]
-            p = min(max(acc[0, h, i] / acc[0, h, after].mean(), 0.0), 1.0)
-            if torch.isnan(p):
-                p = torch.tensor(0.0)
-            if hashed_uniform(7, 0, torch.tensor(h), torch.tensor(i)) < p:
-                current[after] += current[i] / 2
-                merges += 1
-            present.remove(i)
-        torch.testing.assert_close(layer.values[0, h], current[kept[h]])
-        torch.testing.assert_close(layer.keys[0, h], keys[0, h, kept[h]])  # keys are never merged
-    assert merges >= 1 and not torch.equal(layer.values, values[:, :, :5])  # something was merged
+        over = kept[h] if max_over == "kept" else [6, 7]  # the windows: no sinks for h2o, the recent 6 and 7
+        reference = (acc[0, h, :, None] * values[0, h]).sum(0) / acc[0, h].sum() if centered else None
+        expected = one_by_one(
+            values[0, h], kept[h], 3, lambda i, _t, h=h, o=over: clamped(acc[0, h, i] / acc[0, h, o].max()), reference
+        )
+        torch.testing.assert_close(layer.values[0, h], expected)
+        assert not torch.equal(expected, values[0, h, kept[h]])
+
+
+def test_merge_log_counts_the_gates_passes():
+    from kvmerge.absorbers.cam import MergeLog
+
+    # as in test_cam_expected_gate_merges_the_probability_per_formula: 2, 4, 5 evicted, merged with p
+    acc = torch.tensor([[[0.9, 0.8, 0.1, 0.7, 0.05, 0.2, 0.4, 0.3], [0.2, 0.6, 0.6, 0.3, 0.6, 0.1, 0.5, 0.7]]])
+    layer = hand_made_layer("h2o+cam", 5, positions=8, stats={AccumulatedAttention.name: acc}, gate="expected")
+    with MergeLog() as log:
+        layer.compress()
+    layer.compress()  # not logged
+    expected = (acc[0, 0, [2, 4, 5]] / 0.9).sum() + (acc[0, 1, [0, 3, 5]] / 0.7).sum()
+    got = log.summary()[0]
+    assert got["evictions"] == 6 and got["compressions"] == 2
+    assert got["merges"] == pytest.approx(float(expected)) and got["pass_rate"] == pytest.approx(float(expected) / 6)
+
+
+def test_cam_max_over_windows_with_no_windows_never_merges():
+    # TOVA has neither sinks nor a recent window: nothing to normalise by
+    acc = torch.rand(1, 2, 8, generator=torch.Generator().manual_seed(0))
+    stats = {AccumulatedAttention.name: acc, "current_attention": acc.clone()}
+    layer = hand_made_layer("tova+cam", 5, positions=8, stats=stats, gate="expected", max_over="windows")
+    values = layer.values.clone()
+    layer.compress()
+    kept = kept_positions(layer)
+    for h in range(2):
+        torch.testing.assert_close(layer.values[0, h], values[0, h, kept[h]])
+
+
+@pytest.mark.parametrize(
+    ("options", "error", "match"),
+    [
+        ({"normalizer": "median"}, ValueError, "normalizer must be one of 'max', 'mean'"),
+        ({"max_over": "all"}, ValueError, "max_over must be one of 'kept', 'windows'"),
+        ({"normalizer": "mean", "max_over": "windows"}, ValueError, "applies to normalizer='max' only"),
+        ({"gate": "always"}, ValueError, "gate must be one of 'bernoulli', 'expected'"),
+        ({"centered": "yes"}, TypeError, "centered must be a bool"),
+    ],
+)
+def test_cam_options_are_validated(options, error, match):
+    with pytest.raises(error, match=match):
+        kvmerge.make_method("h2o+cam", 8, **options)
+    assert kvmerge.make_method("h2o+cam", 8).absorber.normalizer == "max"  # the official code's reading
 
 
 def test_cam_bulk_eviction_cascades_like_single_evictions():
@@ -165,7 +257,7 @@ def test_cam_bulk_eviction_cascades_like_single_evictions():
     evicted value (with what it received) goes to the next m entries present, not all to the same kept m."""
     acc = torch.ones(1, 1, 10)  # p = 1 everywhere: every eviction merges
     layer = hand_made_layer("streaming+cam", budget=4, positions=10, stats={AccumulatedAttention.name: acc},
-                            heads=1, merge_window=3, sink=1)  # fmt: skip
+                            heads=1, merge_window=3, sink=1, normalizer="mean")  # fmt: skip
     values = layer.values.clone()
     layer.compress()
     assert kept_positions(layer) == [[0, 7, 8, 9]]  # sink 0 + the 3 most recent: 1-6 evicted at once
@@ -180,7 +272,14 @@ def test_cam_with_certain_gate_adds_value_over_m():
     # recent = 2 (4, 5); the 3 heaviest of 0-3 are 1, 0, 2, so 3 is evicted with p = 0.5 / mean(0.5, 0.5) = 1
     acc = torch.tensor([[[3.0, 5.0, 1.0, 0.5, 0.5, 0.5]]])
     layer = hand_made_layer(
-        "h2o+cam", budget=5, positions=6, stats={AccumulatedAttention.name: acc}, heads=1, merge_window=2, recent=2
+        "h2o+cam",
+        budget=5,
+        positions=6,
+        stats={AccumulatedAttention.name: acc},
+        heads=1,
+        merge_window=2,
+        recent=2,
+        normalizer="mean",
     )
     values = layer.values.clone()
     layer.compress()
@@ -227,6 +326,7 @@ def test_cam_gate_draws_depend_on_the_seed():
             merge_window=1,
             recent=4,
             seed=seed,
+            normalizer="mean",
         )
         values = layer.values.clone()
         layer.compress()

@@ -229,7 +229,7 @@ class KVMergeLayer(CacheLayerMixin):
         # Decoding puts one entry over budget: drop the lowest without ranking the rest.
         dropped = self._lowest(scores, before.index) if self._one_over_budget(n) else None
         if dropped is not None and self._evicts_in_place:
-            self._evict_in_place(before, dropped)
+            self._evict_in_place(before, dropped, recent_start)
             return
         if not self.ordered:  # in-place evictions came before: rank in position order
             before, scores = self._reorder(scores)
@@ -245,13 +245,14 @@ class KVMergeLayer(CacheLayerMixin):
         if has_empty:
             held["index"] = torch.where(kept_slots >= 0, held["index"], -1)
         self._finish(held, lambda: Eviction(
-            before, self._entries(held), kept_slots, evicted(), self.absorber_state, evicted_slots
+            before, self._entries(held), kept_slots, evicted(), self.absorber_state, evicted_slots,
+            windows=(self.sink, recent_start),
         ))  # fmt: skip
         self.has_empty = has_empty
         if self.key_rotation is not None:
             self._shift_positions()
 
-    def _evict_in_place(self, before: Entries, dropped: torch.Tensor) -> None:
+    def _evict_in_place(self, before: Entries, dropped: torch.Tensor, recent_start: torch.Tensor) -> None:
         """Evict each row's ``dropped`` slot ``[b, h, 1]`` without compaction: swap it with the last slot
         (the newest entry) in every per-entry tensor and let the buffers keep that slot as room."""
         n = before.index.shape[-1]
@@ -262,7 +263,8 @@ class KVMergeLayer(CacheLayerMixin):
         held = {name: tensor.narrow(2, 0, n - 1) for name, tensor in named.items()}
 
         def eviction() -> Eviction:
-            return Eviction(before, self._entries(held), kept_slots, evicted, self.absorber_state, last, False)
+            windows = (self.sink, recent_start)
+            return Eviction(before, self._entries(held), kept_slots, evicted, self.absorber_state, last, False, windows)
 
         self._finish(held, eviction)
         self._buffers.update(named)  # the evicted entries' slots are the room for the next step

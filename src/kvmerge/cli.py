@@ -122,9 +122,13 @@ def _model_name(name: str) -> str:
 
 def _cmd_methods(args: argparse.Namespace) -> int:
     from kvmerge.eval.report import format_table
+    from kvmerge.registry import SHARED_OPTIONS, describe_parts
 
     described = kvmerge.describe_methods()
     print(format_table([[name, text] for name, text in described.items()], ["method", "description"]))
+    parts = [[kind, name, options] for kind, name, _, options in describe_parts() if options]
+    print("\n" + format_table(parts, ["part", "name", "its own options, with their defaults"]))
+    print("\noptions every method takes: " + ", ".join(SHARED_OPTIONS))
     return 0
 
 

@@ -75,6 +75,9 @@ class Eviction:
         when every row evicted the same number ``e`` (decoding: one); else ``None``.
     ordered:
         Whether ``before``'s slots are in position order (always, unless ``e`` is one).
+    windows:
+        The protected windows as ``(sink, recent_start)``: an entry is protected when its position is
+        below ``sink`` (an int) or at least ``recent_start`` (``[batch, 1, 1]`` int64).
     """
 
     before: Entries
@@ -84,6 +87,7 @@ class Eviction:
     state: dict[str, torch.Tensor] = field(default_factory=dict)
     evicted_slots: torch.Tensor | None = None
     ordered: bool = True
+    windows: tuple[int, torch.Tensor] | None = None
 
 
 class Selector(ABC):

@@ -43,9 +43,36 @@ def describe_methods() -> dict[str, str]:
     return lines
 
 
+def describe_parts() -> list[tuple[str, str, str, str]]:
+    """(kind, name, description, own options with their defaults) of every selector and absorber."""
+    return [("selector", name, cls.description, option_defaults(cls)) for name, cls in SELECTORS.items()] + [
+        ("absorber", name, cls.description, option_defaults(cls)) for name, cls in ABSORBERS.items()
+    ]
+
+
 def method_options(cls: type) -> tuple[str, ...]:
     """The options a selector or absorber class takes (its dataclass fields)."""
-    return tuple(f.name for f in dataclasses.fields(cls)) if dataclasses.is_dataclass(cls) else ()
+    return tuple(f.name for f in _own_fields(cls))
+
+
+def method_settings(method: str, options: dict | None = None) -> dict:
+    """Every option of ``method``'s selector and absorber with the value it runs with (``options`` over
+    the defaults), e.g. ``{"normalizer": "max", "max_over": "kept", ...}`` for ``h2o+cam``; results
+    record it so that a default changed later cannot change what a stored number means."""
+    selector_name, _, absorber_name = method.strip().lower().partition("+")
+    parts = [cls for cls in (SELECTORS.get(selector_name), ABSORBERS.get(absorber_name)) if cls is not None]
+    options = options or {}
+    return {f.name: options.get(f.name, f.default) for cls in parts for f in _own_fields(cls)}
+
+
+def option_defaults(cls: type) -> str:
+    """``"name=default, ..."`` of a selector's or absorber's own options ("" for none)."""
+    return ", ".join(f"{f.name}={f.default}" for f in _own_fields(cls))
+
+
+def _own_fields(cls: type) -> tuple[dataclasses.Field, ...]:
+    """The dataclass fields of a selector or absorber that are options (set at construction)."""
+    return tuple(f for f in dataclasses.fields(cls) if f.init) if dataclasses.is_dataclass(cls) else ()
 
 
 def build_method(name: str, config: CompressionConfig, **options) -> Method:

@@ -1,8 +1,20 @@
 """CaM, Cache Merging (Zhang et al., ICML 2024): merge an evicted value into its kept neighbours.
 
-For an evicted entry i and the next ``m`` entries after it (N):
-``p = Ā_i / mean(Ā_N)``, ``M ~ Bernoulli(clamp(p, 0, 1))`` per sequence and KV head, and
-``V_k += M * V_i / m`` for every k in N. Keys are never merged.
+For an evicted entry i and the next ``m`` entries after it (N): ``M ~ Bernoulli(clamp(p, 0, 1))``
+per sequence and KV head, and ``V_k += M * V_i / m`` for every k in N. Keys are never merged. The
+gate's probability ``p`` has two readings (METHODS.md), the option ``normalizer``:
+
+- ``"max"`` (default): ``p = Ā_i / max(Ā over the kept entries)``, the official code behind the
+  paper's zero-shot tables; ``max_over="windows"`` takes the max over the protected sinks and
+  recent window only, as that code does (with StreamingLLM's windows).
+- ``"mean"``: ``p = Ā_i / mean(Ā_N)``, Eq. 14 as printed (and kvpress's ``CAMPress``).
+
+Two variants beyond the paper, off by default: ``gate="expected"`` merges ``p * V_i / m`` every time
+instead of drawing (the Bernoulli merge's expectation, without its variance), and ``centered=True``
+merges ``V_i - Ō`` instead of ``V_i``, where ``Ō = sum_j Ā_j V_j / sum_j Ā_j`` over the cache before
+the eviction (the mean past attention output). After an eviction the softmax renormalises, so the
+output moves by ``A_i / (1 - A_i) * (O - V_i)``; putting back ``A_i V_i`` leaves ``A_i / (1 - A_i) * O``,
+putting back ``A_i (V_i - Ō)`` leaves about nothing when ``O`` is near ``Ō``.
 
 CaM is defined one eviction per step. When one compression evicts several entries (a chunk, or
 the prompt under the ``prefill`` schedule), they are merged as that many single evictions in
@@ -10,34 +22,124 @@ position order: N is the next ``m`` entries still present at i's turn (kept ones
 whose turn comes later), and an evicted entry passes on its value with what it received. So a
 chunked or prefill compression merges like token-by-token streaming instead of piling every
 evicted value onto the same ``m`` kept entries (which blows values up when more than ``m`` go).
+The max normaliser and ``Ō`` are those of the compression (not recomputed between its evictions).
 """
 
 from __future__ import annotations
 
+from collections import defaultdict
+from contextvars import ContextVar
 from dataclasses import dataclass
+from typing import Literal
 
 import torch
 
 from kvmerge.config import CompressionConfig
-from kvmerge.method import Absorber, Eviction
+from kvmerge.method import Absorber, Entries, Eviction
 from kvmerge.rng import head_keys, uniform_at
 from kvmerge.slots import add_to_slots, read_slots
 from kvmerge.stats import AccumulatedAttention, Statistic
 
 
+class MergeLog:
+    """Counts CaM's merges per layer while active, for diagnostics (``kvmerge eval perturbation``)::
+
+        with MergeLog() as log:
+            model(ids, past_key_values=kvmerge.make_cache(model, "h2o+cam", budget=64))
+        log.summary()  # {layer: {"evictions", "merges", "compressions", "pass_rate", "merges_per_step"}}
+
+    ``evictions`` counts evicted entries that had a target (per sequence and KV head), ``merges`` the
+    gate's passes among them (with ``gate="expected"``, the sum of the merge probabilities) and
+    ``compressions`` the compressions that evicted (per sequence and KV head: steps x rows).
+    """
+
+    def __init__(self) -> None:
+        self.counts: dict[int, dict[str, float]] = defaultdict(lambda: defaultdict(float))
+        self._token = None
+
+    def __enter__(self) -> MergeLog:
+        self._token = _ACTIVE_LOG.set(self)
+        return self
+
+    def __exit__(self, *exc) -> None:
+        _ACTIVE_LOG.reset(self._token)
+
+    def add(self, layer_idx: int | torch.Tensor, weight: torch.Tensor, eligible: torch.Tensor) -> None:
+        """Fold one compression's merge weights ``[b, h, e]`` of its ``eligible`` evictions (bool, same
+        shape) into the counts; ``layer_idx`` an int or ``[b, 1, 1]`` per row."""
+        layers = layer_idx.view(-1).tolist() if isinstance(layer_idx, torch.Tensor) else [layer_idx] * weight.shape[0]
+        heads = weight.shape[1]
+        weight, eligible = (weight.float() * eligible).sum(-1), eligible.sum(-1)  # [b, h]
+        for row, layer in enumerate(layers):
+            counts = self.counts[int(layer)]
+            counts["evictions"] += float(eligible[row].sum())
+            counts["merges"] += float(weight[row].sum())
+            counts["compressions"] += heads
+
+    def summary(self) -> dict[int, dict[str, float]]:
+        """Per layer: the counts, the gate's ``pass_rate`` (merges / evictions) and ``merges_per_step``
+        (merges per compression, per sequence and KV head)."""
+        out = {}
+        for layer, c in sorted(self.counts.items()):
+            rate = c["merges"] / c["evictions"] if c["evictions"] else 0.0
+            out[layer] = {**c, "pass_rate": rate, "merges_per_step": c["merges"] / max(c["compressions"], 1)}
+        return out
+
+
+_ACTIVE_LOG: ContextVar[MergeLog | None] = ContextVar("kvmerge_cam_merge_log", default=None)
+NORMALIZERS = ("max", "mean")
+MAX_OVER = ("kept", "windows")
+GATES = ("bernoulli", "expected")
+
+
 def merge_gate(
-    draw: torch.Tensor, evicted_attention: torch.Tensor, neighbour_sum: torch.Tensor, neighbour_count: torch.Tensor
+    draw: torch.Tensor, evicted_attention: torch.Tensor, normalizer: torch.Tensor, count: torch.Tensor
 ) -> torch.Tensor:
-    """CaM's gate ``M = [u < clamp(Ā_i / mean(Ā_N), 0, 1)]`` for a uniform ``draw`` u in [0, 1), as
-    ``u * sum(Ā_N) < Ā_i * |N|``: the same decision for attention >= 0, without a division. No
-    neighbours, 0/0 and NaN never merge; x/0 (x > 0) always does."""
-    return draw * neighbour_sum < evicted_attention * neighbour_count
+    """CaM's gate ``M = [u < clamp(Ā_i * count / normalizer, 0, 1)]`` for a uniform ``draw`` u in [0, 1),
+    as ``u * normalizer < Ā_i * count``: the same decision for attention >= 0, without a division. With
+    the mean normaliser ``normalizer = sum(Ā_N)`` and ``count = |N|``; with the max, the max and 1. A
+    zero count, 0/0 and NaN never merge; x/0 (x > 0) always does."""
+    return draw * normalizer < evicted_attention * count
+
+
+def merge_probability(evicted_attention: torch.Tensor, normalizer: torch.Tensor, count: torch.Tensor) -> torch.Tensor:
+    """``clamp(Ā_i * count / normalizer, 0, 1)``, the probability :func:`merge_gate` passes with (same
+    conventions: 0/0 and NaN give 0, x/0 with x > 0 gives 1)."""
+    numerator = evicted_attention * count
+    ratio = (numerator / normalizer).nan_to_num_(nan=0.0, posinf=1.0)
+    return ratio.clamp_(0.0, 1.0).masked_fill_(numerator.isnan(), 0.0)
 
 
 @dataclass(frozen=True)
 class CaM(Absorber):
+    """Options: ``normalizer`` (``"max"``, ``"mean"``), ``max_over`` (``"kept"``, ``"windows"``), ``gate``
+    (``"bernoulli"``, ``"expected"``), ``centered`` and ``per_step`` (the gate compares Ā per step since
+    each entry arrived, ``Ā_j / (seen - position_j)``, instead of Ā: entries of different ages compare
+    by their attention rate); see the module. ``m`` and the seed are the shared ``merge_window`` and
+    ``seed``."""
+
+    normalizer: Literal["max", "mean"] = "max"
+    max_over: Literal["kept", "windows"] = "kept"
+    gate: Literal["bernoulli", "expected"] = "bernoulli"
+    centered: bool = False
+    per_step: bool = False
+
     name = "cam"
     description = "Cache Merging: merge each evicted value into its next m kept neighbours, Bernoulli-gated"
+
+    def __post_init__(self) -> None:
+        for option, value, valid in (
+            ("normalizer", self.normalizer, NORMALIZERS),
+            ("max_over", self.max_over, MAX_OVER),
+            ("gate", self.gate, GATES),
+        ):
+            if value not in valid:
+                raise ValueError(f"cam's {option} must be one of {', '.join(map(repr, valid))}, got {value!r}")
+        for option in ("centered", "per_step"):
+            if not isinstance(getattr(self, option), bool):
+                raise TypeError(f"cam's {option} must be a bool, got {type(getattr(self, option)).__name__}")
+        if self.max_over != "kept" and self.normalizer != "max":
+            raise ValueError("cam's max_over applies to normalizer='max' only")
 
     def statistics(self, config: CompressionConfig) -> tuple[Statistic, ...]:
         return (AccumulatedAttention(config.gqa),)
@@ -58,23 +160,26 @@ class CaM(Absorber):
         gap = after.index - position  # [b, h, k]: > 0 for the later entries
         nearest = gap.masked_fill_(gap <= 0, _FAR).topk(min(m, gap.shape[-1]), dim=-1, largest=False)
         neighbours, present = nearest.indices, nearest.values < _FAR  # [b, h, m]
-        attention = after.stats[AccumulatedAttention.name].gather(-1, neighbours)
-        gate = _gate(
-            before.stats[AccumulatedAttention.name].gather(-1, slot),
-            (attention * present).sum(-1, keepdim=True),
-            present.sum(-1, keepdim=True),
-            position,
-            before.layer_idx,
-            config.seed,
+        if self.normalizer == "mean":
+            attention = self._attention(after).gather(-1, neighbours)
+            normalizer, count = (attention * present).sum(-1, keepdim=True), present.sum(-1, keepdim=True)
+        else:
+            normalizer, count = self._max(after, eviction.windows)
+        weight = self._weight(
+            self._attention(before).gather(-1, slot), normalizer, count, position, before.layer_idx, config
         )
+        if (log := _ACTIVE_LOG.get()) is not None:
+            log.add(before.layer_idx, weight, present.any(-1, keepdim=True))
         merged = read_slots(before.values, slot)  # [b, h, 1, d]
-        weight = (gate & present).to(merged.dtype).div_(m).unsqueeze(-1)  # [b, h, m, 1]
-        add_to_slots(after.values, neighbours, merged * weight)
+        if self.centered:
+            merged = merged - _mean_output(before)
+        weight = (weight & present if weight.dtype == torch.bool else weight * present).to(merged.dtype)
+        add_to_slots(after.values, neighbours, merged * weight.div_(m).unsqueeze(-1))
 
     def _absorb_several(self, eviction: Eviction, config: CompressionConfig) -> None:
         """Any evictions, ``before`` in position order: each merges in position order (see the module)."""
         before, after, m = eviction.before, eviction.after, config.merge_window
-        attention = before.stats[AccumulatedAttention.name]
+        attention = self._attention(before)
         # Evicted slots per row in position order (padded with slots that were not evicted): [b, h, e].
         slots, is_evicted = eviction.evicted_slots, None
         if slots is None:
@@ -95,60 +200,94 @@ class CaM(Absorber):
         neighbours = slot_of_rank.gather(-1, neighbour_rank.clamp(max=rank.shape[-1] - 1).flatten(2)).view_as(
             neighbour_rank
         )
-        neighbour_attention = attention.gather(-1, neighbours.flatten(2)).view_as(neighbours)
-        gate = _gate(
-            attention.gather(-1, slots),
-            (neighbour_attention * has_neighbour).sum(-1),
-            has_neighbour.sum(-1),
-            before.index.gather(-1, slots),
-            before.layer_idx,
-            config.seed,
+        if self.normalizer == "mean":
+            neighbour_attention = attention.gather(-1, neighbours.flatten(2)).view_as(neighbours)
+            normalizer, count = (neighbour_attention * has_neighbour).sum(-1), has_neighbour.sum(-1)
+        else:
+            normalizer, count = self._max(after, eviction.windows)
+            count = count & has_neighbour.any(-1)
+        weight = self._weight(
+            attention.gather(-1, slots), normalizer, count, before.index.gather(-1, slots), before.layer_idx, config
         )
         if is_evicted is not None:
-            gate &= is_evicted
+            weight = weight & is_evicted if weight.dtype == torch.bool else weight * is_evicted
+        if (log := _ACTIVE_LOG.get()) is not None:
+            log.add(before.layer_idx, weight, has_neighbour.any(-1) & (True if is_evicted is None else is_evicted))
+        weight = weight.float()
         d = before.values.shape[-1]
         merged = before.values.gather(2, slots.unsqueeze(-1).expand(-1, -1, -1, d)).float()  # [b, h, e, d]
+        if self.centered:
+            merged = merged - _mean_output(before).float()
         if slots.shape[-1] > 1:
-            merged = _cascade(merged, gate.float() / m, evicted_rank, m)
-        # Each gated value / m into its kept neighbours (the evicted ones took theirs in the cascade).
+            merged = _cascade(merged, weight / m, evicted_rank, m)
+        # Each weighted value / m into its kept neighbours (the evicted ones took theirs in the cascade).
         kept_slots = eviction.kept_slots  # [b, h, k], -1 for an empty slot of after
         n = rank.shape[-1]
         after_slot = torch.full((*kept_slots.shape[:2], n + 1), -1, dtype=torch.long, device=kept_slots.device)
         after_slot = after_slot.scatter_(-1, torch.where(kept_slots >= 0, kept_slots, n), _slots(kept_slots))[..., :n]
         targets = after_slot.gather(-1, neighbours.flatten(2)).view_as(neighbours)  # -1: not kept
-        _scatter(after.values, merged, gate, targets.clamp(min=0), has_neighbour & (targets >= 0), m)
+        _scatter(after.values, merged, weight, targets.clamp(min=0), has_neighbour & (targets >= 0), m)
+
+    def _max(self, after: Entries, windows: tuple[int, torch.Tensor] | None) -> tuple[torch.Tensor, torch.Tensor]:
+        """The max normaliser ``[b, h, 1]`` over the kept entries (or their protected windows) and the
+        count it stands for: 1, or 0 where that set is empty (nothing to normalise by: no merge)."""
+        attention, index = self._attention(after), after.index
+        members = index >= 0
+        if self.max_over == "windows":
+            if windows is None:
+                raise ValueError("cam's max_over='windows' needs the compression's protected windows")
+            sink, recent_start = windows
+            members = members & ((index < sink) | (index >= recent_start))
+        normalizer = attention.masked_fill(~members, 0.0).amax(-1, keepdim=True)
+        return normalizer, members.any(-1, keepdim=True)
+
+    def _attention(self, entries: Entries) -> torch.Tensor:
+        """The gate's attention statistic ``[b, h, n]``: Ā, or Ā per step since arrival (``per_step``)."""
+        attention = entries.stats[AccumulatedAttention.name]
+        if not self.per_step:
+            return attention
+        return attention / (entries.seen.view(-1, 1, 1) - entries.index).clamp(min=1)
+
+    def _weight(
+        self,
+        evicted_attention: torch.Tensor,
+        normalizer: torch.Tensor,
+        count: torch.Tensor,
+        positions: torch.Tensor,
+        layer_idx: int | torch.Tensor,
+        config: CompressionConfig,
+    ) -> torch.Tensor:
+        """The merge weight (before ``1 / m``) of each evicted entry ``[b, h, e]``: the Bernoulli gate (bool),
+        whose draw is the counter-based hash of (seed, layer, KV head, position), or its probability."""
+        if self.gate == "expected":
+            return merge_probability(evicted_attention, normalizer, count)
+        heads = head_keys(config.seed, layer_idx, positions.shape[1], positions.device)
+        return merge_gate(uniform_at(heads, positions), evicted_attention, normalizer, count)
+
+
+def _mean_output(entries: Entries) -> torch.Tensor:
+    """``Ō = sum_j Ā_j V_j / sum_j Ā_j`` over the valid entries ``[b, h, n]`` -> ``[b, h, 1, d]`` (zero
+    without attention)."""
+    attention = entries.stats[AccumulatedAttention.name].masked_fill(entries.index < 0, 0.0)
+    total = attention.sum(-1, keepdim=True).clamp_(min=torch.finfo(attention.dtype).tiny)
+    return torch.einsum("bhn,bhnd->bhd", (attention / total).to(entries.values.dtype), entries.values).unsqueeze(2)
 
 
 _FAR = torch.iinfo(torch.long).max
 
 
-def _gate(
-    evicted_attention: torch.Tensor,
-    neighbour_sum: torch.Tensor,
-    neighbour_count: torch.Tensor,
-    positions: torch.Tensor,
-    layer_idx: int | torch.Tensor,
-    seed: int,
-) -> torch.Tensor:
-    """CaM's Bernoulli merge decision ``[b, h, e]`` for evicted entries with attention ``Ā_i``, their
-    neighbours' summed ``Ā`` and count, and ``positions`` (each ``[b, h, e]``); the draw is the
-    counter-based hash of (seed, layer, KV head, position)."""
-    heads = head_keys(seed, layer_idx, positions.shape[1], positions.device)
-    return merge_gate(uniform_at(heads, positions), evicted_attention, neighbour_sum, neighbour_count)
-
-
 def _scatter(
     values: torch.Tensor,
     merged: torch.Tensor,
-    gate: torch.Tensor,
+    weight: torch.Tensor,
     targets: torch.Tensor,
     hit: torch.Tensor,
     m: int,
 ) -> None:
-    """``values[k] += gate * merged / m`` in place for every target slot ``k`` of ``values``
-    ``[b, h, k, d]``: ``merged`` ``[b, h, e, d]``, ``gate`` ``[b, h, e]``, ``targets`` and ``hit``
+    """``values[k] += weight * merged / m`` in place for every target slot ``k`` of ``values``
+    ``[b, h, k, d]``: ``merged`` ``[b, h, e, d]``, ``weight`` ``[b, h, e]`` float, ``targets`` and ``hit``
     (whether the target counts) ``[b, h, e, m]``."""
-    weight = (gate.unsqueeze(-1) & hit).to(merged.dtype) / m  # [b, h, e, m]
+    weight = (weight.unsqueeze(-1) * hit).to(merged.dtype) / m  # [b, h, e, m]
     contribution = (merged.unsqueeze(3) * weight.unsqueeze(-1)).to(values.dtype)  # [b, h, e, m, d]
     d = values.shape[-1]
     values.scatter_add_(2, targets.flatten(2, 3).unsqueeze(-1).expand(-1, -1, -1, d), contribution.flatten(2, 3))

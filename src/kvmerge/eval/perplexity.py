@@ -22,6 +22,7 @@ from transformers import PreTrainedModel, PreTrainedTokenizerBase
 from kvmerge import make_cache
 from kvmerge.config import CompressionConfig
 from kvmerge.method import Method
+from kvmerge.registry import method_settings
 
 
 def require_step_schedule(method: Method) -> None:
@@ -118,6 +119,7 @@ def prepare_perplexity(
         "segment": segment,
         "seed": seed,
         **({"options": options} if options else {}),
+        "settings": method_settings(method, options),
     }
     return PerplexityRun(model, ids, cache_options, segment, info)
 

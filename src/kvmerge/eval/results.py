@@ -22,6 +22,8 @@ import matplotlib
 matplotlib.use("Agg")
 import matplotlib.pyplot as plt
 
+from kvmerge.registry import method_settings
+
 RESULTS_JSON = "results.json"
 RESULTS_MD = "results.md"
 # benchmark name -> module whose ``render(results: dict, out_dir: Path) -> str`` writes its plots and Markdown
@@ -71,6 +73,8 @@ def write_results(out_dir: str | Path, benchmark: str, config: dict, records: li
     """
     out = Path(out_dir)
     out.mkdir(parents=True, exist_ok=True)
+    if isinstance(config.get("methods"), (list, tuple)):  # what every option of every method ran with
+        config = {**config, "settings": {m: method_settings(m, config.get("options")) for m in config["methods"]}}
     payload = {
         "benchmark": benchmark,
         "created": datetime.now(timezone.utc).isoformat(timespec="seconds"),
