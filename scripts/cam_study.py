@@ -8,6 +8,12 @@ process per core). ``--summary`` prints the table of ``docs/BENCHMARKS.md`` from
     OMP_NUM_THREADS=1 python scripts/cam_study.py --out runs/cam_study --shard 0/2 &
     OMP_NUM_THREADS=1 python scripts/cam_study.py --out runs/cam_study --shard 1/2
     python scripts/cam_study.py --out runs/cam_study --summary
+
+The committed table of cam as shipped against its selectors (``docs/BENCHMARKS.md``):
+
+    OMP_NUM_THREADS=1 python scripts/cam_study.py --out runs/cam_final --tokens 2048 --budgets 0.05,0.1,0.2,0.5 \
+        --selectors full,streaming,h2o,scissorhands,tova,corm --variants none,cam --shard 0/2   # and 1/2
+    python scripts/cam_study.py --out runs/cam_final --gaps
 """
 
 from __future__ import annotations
@@ -20,12 +26,19 @@ from pathlib import Path
 
 VARIANTS: dict[str, dict] = {
     "none": {},
-    "mean": {"normalizer": "mean"},
-    "max": {"normalizer": "max"},
-    "max-windows": {"normalizer": "max", "max_over": "windows"},
-    "max-expected": {"normalizer": "max", "gate": "expected"},
-    "mean-centered": {"normalizer": "mean", "centered": True},
+    "cam": {},  # cam as shipped (its defaults)
+    "mean": {"normalizer": "mean", "gate": "bernoulli", "centered": False},
+    "max": {"normalizer": "max", "gate": "bernoulli", "centered": False},
+    "max-windows": {"normalizer": "max", "max_over": "windows", "gate": "bernoulli", "centered": False},
+    "max-expected": {"normalizer": "max", "gate": "expected", "centered": False},
+    "mean-centered": {"normalizer": "mean", "centered": True, "gate": "bernoulli"},
     "mean-centered-expected": {"normalizer": "mean", "centered": True, "gate": "expected"},
+    "max-centered": {"normalizer": "max", "centered": True, "gate": "bernoulli"},
+    "max-window": {"targets": "window", "gate": "bernoulli", "centered": False},
+    "max-expected-centered-window": {"targets": "window"},
+    "max-expected-centered": {"normalizer": "max", "gate": "expected", "centered": True},
+    "max-per-step": {"normalizer": "max", "per_step": True, "gate": "bernoulli", "centered": False},
+    "mean-per-step-centered-expected": {"normalizer": "mean", "per_step": True, "centered": True, "gate": "expected"},
 }
 
 
@@ -33,8 +46,10 @@ def configurations(args: argparse.Namespace) -> list[dict]:
     grid = itertools.product(args.data, args.budgets, args.selectors, args.variants, args.seeds)
     runs = []
     for data, budget, selector, variant, seed in grid:
-        if variant == "none" and seed != args.seeds[0]:
+        if (variant == "none" or selector == "full") and seed != args.seeds[0]:
             continue  # the selectors draw nothing: one seed
+        if selector == "full" and (variant != "none" or budget != args.budgets[0]):
+            continue  # the full cache has no budget: once per text
         runs.append({"data": data, "budget": budget, "selector": selector, "variant": variant, "seed": seed})
     return runs
 
@@ -56,13 +71,14 @@ def main() -> None:
     parser.add_argument("--tokens", type=int, default=800)
     parser.add_argument("--merge-window", type=int, default=16)
     parser.add_argument("--shard", default="0/1")
-    parser.add_argument("--summary", action="store_true")
+    parser.add_argument("--summary", action="store_true", help="print the table of every variant")
+    parser.add_argument("--gaps", action="store_true", help="print selector -> cam and the share of the gap closed")
     args = parser.parse_args()
     args.out.mkdir(parents=True, exist_ok=True)
     log = args.out / "runs.jsonl"
     done = [json.loads(line) for line in log.read_text().splitlines()] if log.exists() else []
-    if args.summary:
-        summarize(done)
+    if args.summary or args.gaps:
+        (summarize_gaps if args.gaps else summarize)(done)
         return
     import torch
 
@@ -82,6 +98,7 @@ def main() -> None:
         if i % count != index or key(run) in finished:
             continue
         method = run["selector"] if run["variant"] == "none" else run["selector"] + "+cam"
+        budget = None if method == "full" else run["budget"]
         options = dict(VARIANTS[run["variant"]])
         if args.merge_window != 16:
             options["merge_window"] = args.merge_window
@@ -90,16 +107,39 @@ def main() -> None:
             tokenizer,
             texts[run["data"]],
             method,
-            run["budget"],
+            budget,
             tokens=args.tokens,
             seed=run["seed"],
             progress=False,
             **options,
         )
-        record = {**run, "ppl": result["ppl"], "seconds": result["seconds"]}
+        record = {**run, "ppl": result["ppl"], "seconds": result["seconds"], "settings": result["settings"]}
         with log.open("a") as f:
             f.write(json.dumps(record) + "\n")
         print(json.dumps(record), flush=True)
+
+
+def summarize_gaps(done: list[dict]) -> None:
+    """Selector alone -> with cam as shipped, and the share of the selector-to-full gap cam closes."""
+    full = {r["data"]: r["ppl"] for r in done if r["selector"] == "full"}
+    cells: dict[tuple, list[float]] = {}
+    for r in done:
+        if r["selector"] != "full" and r["variant"] in ("none", "cam"):
+            cells.setdefault((r["data"], r["budget"], r["selector"], r["variant"]), []).append(r["ppl"])
+    selectors = list(dict.fromkeys(k[2] for k in cells))
+    print("| data | budget | full | " + " | ".join(selectors) + " |")
+    print("|---" * (3 + len(selectors)) + "|")
+    for data, budget in sorted({k[:2] for k in cells}):
+        row = []
+        for selector in selectors:
+            alone, cam = cells.get((data, budget, selector, "none")), cells.get((data, budget, selector, "cam"))
+            if not alone or not cam:
+                row.append("")
+                continue
+            a, c = statistics.mean(alone), statistics.mean(cam)
+            gap = (a - c) / (a - full[data]) if data in full and a != full[data] else float("nan")
+            row.append(f"{a:.2f} → {c:.2f} ({100 * gap:+.1f}%)")
+        print(f"| {data} | {budget:g} | {full.get(data, float('nan')):.2f} | " + " | ".join(row) + " |")
 
 
 def summarize(done: list[dict]) -> None:

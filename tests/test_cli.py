@@ -68,7 +68,7 @@ def test_methods_lists_every_method(capsys):
     assert listed == kvmerge.method_names()
     assert "Cache Merging" in out
     cam = next(line for line in parts.splitlines() if line.startswith("absorber  cam"))
-    assert "normalizer=max" in cam and "gate=bernoulli" in cam
+    assert "normalizer=max" in cam and "gate=expected" in cam and "centered=True" in cam
 
 
 @pytest.mark.parametrize("command", ["methods", "generate", "ppl", "demo", "train-less", "calibrate-kvmerger"])

@@ -263,19 +263,23 @@ def test_room_is_kept_for_decoding_only():
 
 
 CAM_VARIANTS = [
-    {"normalizer": "mean"},
-    {"normalizer": "max"},
-    {"normalizer": "max", "max_over": "windows"},
-    {"normalizer": "max", "gate": "expected"},
+    {"normalizer": "mean", "gate": "bernoulli", "centered": False},
+    {"normalizer": "max", "gate": "bernoulli", "centered": False},
+    {"normalizer": "max", "max_over": "windows", "gate": "bernoulli"},
+    {"normalizer": "max", "gate": "expected", "centered": False, "per_step": True},
     {"normalizer": "mean", "gate": "expected", "centered": True},
+    {"normalizer": "mean", "targets": "window", "gate": "bernoulli"},
+    {"targets": "window"},
+    {},  # as shipped
 ]
 
 
 @pytest.mark.parametrize("seed", range(3))
-@pytest.mark.parametrize("options", CAM_VARIANTS, ids=lambda o: "-".join(map(str, o.values())))
+@pytest.mark.parametrize("options", CAM_VARIANTS, ids=lambda o: "-".join(map(str, o.values())) or "shipped")
 def test_cam_one_eviction_path_merges_as_its_general_path(seed, options):
     layer = layer_over_budget("h2o+cam", budget=12, batch=2, **options)
-    layer.stats["accumulated_attention"] = torch.rand(2, 3, 13, generator=torch.Generator().manual_seed(seed))
+    generator = torch.Generator().manual_seed(seed)
+    layer.stats = {name: torch.rand(2, 3, 13, generator=generator) for name in layer.stats}
     before = layer.entries
     scores = layer.stats["accumulated_attention"].clone()
     scores[..., :2] = float("inf")

@@ -21,6 +21,7 @@ from kvmerge.stats import (
 from tests.conftest import VOCAB
 
 DIM = 4
+PAPER = {"normalizer": "mean", "gate": "bernoulli", "centered": False}  # CaM's rule as Eq. 14 prints it
 
 
 def hand_made_layer(method: str, budget: int, positions: int, stats: dict, heads: int = 2, **options):
@@ -141,13 +142,16 @@ def test_merge_gate_never_merges_without_neighbours():
     assert not merge_gate(torch.tensor([0.0, 0.5]), torch.tensor(1.0), torch.tensor(0.0), torch.tensor(0)).any()
 
 
-def one_by_one(values: torch.Tensor, kept: list[int], m: int, weight_of, reference=None) -> torch.Tensor:
+def one_by_one(
+    values: torch.Tensor, kept: list[int], m: int, weight_of, reference=None, receives=lambda k: True
+) -> torch.Tensor:
     """The oracle of CaM's bulk merge for one head's ``values`` ``[n, d]``: the evictions one at a time in
     position order, each merged with ``weight_of(i, targets) / m`` into the next ``m`` entries still
-    present (a later-evicted one passes on what it received); ``V_i - reference`` when centered."""
+    present (a later-evicted one passes on what it received); ``V_i - reference`` when centered; only
+    entries that are later evicted or that ``receives`` are targets."""
     present, current = list(range(values.shape[0])), values.clone()
     for i in sorted(set(present) - set(kept)):
-        targets = [k for k in present if k > i][:m]
+        targets = [k for k in [k for k in present if k > i][:m] if k not in kept or receives(k)]
         merged = current[i] - (0.0 if reference is None else reference)
         current[targets] += float(weight_of(i, targets)) * merged / m
         present.remove(i)
@@ -166,7 +170,7 @@ def test_cam_merges_values_per_formula_and_never_touches_keys(normalizer):
     for seed in range(8):
         layer = hand_made_layer(
             "h2o+cam", 5, positions=8, stats={AccumulatedAttention.name: acc}, merge_window=2, seed=seed,
-            normalizer=normalizer,
+            normalizer=normalizer, gate="bernoulli", centered=False,
         )  # fmt: skip
         keys, values = layer.keys.clone(), layer.values.clone()
         layer.compress()
@@ -188,25 +192,52 @@ def test_cam_merges_values_per_formula_and_never_touches_keys(normalizer):
 
 @pytest.mark.parametrize("max_over", ["kept", "windows"])
 @pytest.mark.parametrize("centered", [False, True])
-def test_cam_expected_gate_merges_the_probability_per_formula(max_over, centered):
+@pytest.mark.parametrize("per_step", [False, True])
+def test_cam_expected_gate_merges_the_probability_per_formula(max_over, centered, per_step):
     # h2o, budget 5, recent 2: 6 and 7 are the window, 0, 1, 3 the heavy hitters kept; 2, 4, 5 are evicted
     acc = torch.tensor([[[0.9, 0.8, 0.1, 0.7, 0.05, 0.2, 0.4, 0.3], [0.2, 0.6, 0.6, 0.3, 0.6, 0.1, 0.5, 0.7]]])
     layer = hand_made_layer(
         "h2o+cam", 5, positions=8, stats={AccumulatedAttention.name: acc}, merge_window=3, gate="expected",
-        max_over=max_over, centered=centered,
+        max_over=max_over, centered=centered, per_step=per_step,
     )  # fmt: skip
     values = layer.values.clone()
     layer.compress()
     kept = kept_positions(layer)
     assert kept == [[0, 1, 3, 6, 7], [1, 2, 4, 6, 7]]
+    gate_on = acc / (8 - torch.arange(8)) if per_step else acc  # per step: Ā / (seen - position), seen = 8
     for h in range(2):
         over = kept[h] if max_over == "kept" else [6, 7]  # the windows: no sinks for h2o, the recent 6 and 7
         reference = (acc[0, h, :, None] * values[0, h]).sum(0) / acc[0, h].sum() if centered else None
-        expected = one_by_one(
-            values[0, h], kept[h], 3, lambda i, _t, h=h, o=over: clamped(acc[0, h, i] / acc[0, h, o].max()), reference
-        )
+
+        def weight(i, _targets, h=h, over=over):
+            return clamped(gate_on[0, h, i] / gate_on[0, h, over].max())
+
+        expected = one_by_one(values[0, h], kept[h], 3, weight, reference)
         torch.testing.assert_close(layer.values[0, h], expected)
         assert not torch.equal(expected, values[0, h, kept[h]])
+
+
+@pytest.mark.parametrize("normalizer", ["mean", "max"])
+def test_cam_window_targets_are_the_kept_entries_of_the_recent_window(normalizer):
+    # h2o, budget 5, recent 2: 2, 4, 5 are evicted in one compression; of their next m = 3 entries only the
+    # window (6, 7) and the later-evicted ones (4, 5) receive, never the kept heavy hitter 3
+    acc = torch.tensor([[[0.9, 0.8, 0.1, 0.7, 0.05, 0.2, 0.4, 0.3]]])
+    layer = hand_made_layer(
+        "h2o+cam", 5, positions=8, stats={AccumulatedAttention.name: acc}, heads=1, merge_window=3,
+        targets="window", normalizer=normalizer, centered=False,
+    )  # fmt: skip
+    values = layer.values.clone()
+    layer.compress()
+    assert kept_positions(layer) == [[0, 1, 3, 6, 7]]
+
+    def weight(i, targets):
+        norm = acc[0, 0, targets].mean() if normalizer == "mean" else acc[0, 0, [0, 1, 3, 6, 7]].max()
+        return clamped(acc[0, 0, i] / norm)
+
+    expected = one_by_one(values[0, 0], [0, 1, 3, 6, 7], 3, weight, receives=lambda k: k >= 6)
+    torch.testing.assert_close(layer.values[0, 0], expected)
+    torch.testing.assert_close(layer.values[0, 0, :3], values[0, 0, [0, 1, 3]])  # outside the window: untouched
+    assert not torch.equal(layer.values[0, 0, 3:], values[0, 0, 6:])
 
 
 def test_merge_log_counts_the_gates_passes():
@@ -214,7 +245,7 @@ def test_merge_log_counts_the_gates_passes():
 
     # as in test_cam_expected_gate_merges_the_probability_per_formula: 2, 4, 5 evicted, merged with p
     acc = torch.tensor([[[0.9, 0.8, 0.1, 0.7, 0.05, 0.2, 0.4, 0.3], [0.2, 0.6, 0.6, 0.3, 0.6, 0.1, 0.5, 0.7]]])
-    layer = hand_made_layer("h2o+cam", 5, positions=8, stats={AccumulatedAttention.name: acc}, gate="expected")
+    layer = hand_made_layer("h2o+cam", 5, positions=8, stats={AccumulatedAttention.name: acc}, centered=False)
     with MergeLog() as log:
         layer.compress()
     layer.compress()  # not logged
@@ -243,13 +274,16 @@ def test_cam_max_over_windows_with_no_windows_never_merges():
         ({"max_over": "all"}, ValueError, "max_over must be one of 'kept', 'windows'"),
         ({"normalizer": "mean", "max_over": "windows"}, ValueError, "applies to normalizer='max' only"),
         ({"gate": "always"}, ValueError, "gate must be one of 'bernoulli', 'expected'"),
+        ({"targets": "all"}, ValueError, "targets must be one of 'next', 'window'"),
+        ({"per_step": 1}, TypeError, "per_step must be a bool"),
         ({"centered": "yes"}, TypeError, "centered must be a bool"),
     ],
 )
 def test_cam_options_are_validated(options, error, match):
     with pytest.raises(error, match=match):
         kvmerge.make_method("h2o+cam", 8, **options)
-    assert kvmerge.make_method("h2o+cam", 8).absorber.normalizer == "max"  # the official code's reading
+    shipped = kvmerge.make_method("h2o+cam", 8).absorber
+    assert (shipped.normalizer, shipped.gate, shipped.centered, shipped.targets) == ("max", "expected", True, "window")
 
 
 def test_cam_bulk_eviction_cascades_like_single_evictions():
@@ -257,7 +291,7 @@ def test_cam_bulk_eviction_cascades_like_single_evictions():
     evicted value (with what it received) goes to the next m entries present, not all to the same kept m."""
     acc = torch.ones(1, 1, 10)  # p = 1 everywhere: every eviction merges
     layer = hand_made_layer("streaming+cam", budget=4, positions=10, stats={AccumulatedAttention.name: acc},
-                            heads=1, merge_window=3, sink=1, normalizer="mean")  # fmt: skip
+                            heads=1, merge_window=3, sink=1, **PAPER)  # fmt: skip
     values = layer.values.clone()
     layer.compress()
     assert kept_positions(layer) == [[0, 7, 8, 9]]  # sink 0 + the 3 most recent: 1-6 evicted at once
@@ -279,7 +313,7 @@ def test_cam_with_certain_gate_adds_value_over_m():
         heads=1,
         merge_window=2,
         recent=2,
-        normalizer="mean",
+        **PAPER,
     )
     values = layer.values.clone()
     layer.compress()
@@ -326,7 +360,7 @@ def test_cam_gate_draws_depend_on_the_seed():
             merge_window=1,
             recent=4,
             seed=seed,
-            normalizer="mean",
+            **PAPER,
         )
         values = layer.values.clone()
         layer.compress()

@@ -20,7 +20,7 @@ EPILOG_METHODS = """examples:
   kvmerge methods
 """
 EPILOG_GENERATE = """examples:
-  kvmerge generate --method h2o+cam --budget 0.2 "Write a haiku about the sea."
+  kvmerge generate --method h2o+cam --budget 48 "Write a haiku about the sea."
   kvmerge generate --method streaming --budget 64 --max-new-tokens 128 "Tell me a story."
   kvmerge generate --method full --raw "The capital of France is"
 

@@ -106,6 +106,7 @@ class Selector(ABC):
     adaptive: ClassVar[bool] = False  # data-dependent size: the budget is an optional cap
     schedule: ClassVar[str | None] = None  # the only schedule the selector supports, if any
     needs_position_order: ClassVar[bool] = False  # whether scores() reads neighbouring slots as positions
+    draws_random: ClassVar[bool] = False  # whether scores() draws from the seed
 
     def statistics(self, config: CompressionConfig) -> tuple[Statistic, ...]:
         """Statistics this selector reads."""
@@ -135,6 +136,10 @@ class Absorber:
     def statistics(self, config: CompressionConfig) -> tuple[Statistic, ...]:
         """Statistics this absorber reads."""
         return ()
+
+    def draws_random(self) -> bool:
+        """Whether absorbing draws from the seed (so that results depend on it)."""
+        return False
 
     def merge(self, entries: Entries, candidates: torch.Tensor, config: CompressionConfig) -> Entries:
         """Return ``entries`` with some merged; a merged-away entry gets index ``-1``.

@@ -65,6 +65,18 @@ def method_settings(method: str, options: dict | None = None) -> dict:
     return {f.name: options.get(f.name, f.default) for cls in parts for f in _own_fields(cls)}
 
 
+def draws_random(method: str, options: dict | None = None) -> bool:
+    """Whether ``method`` with ``options`` draws random numbers, so that its seed changes its results
+    (the random selector; CaM with its Bernoulli gate)."""
+    selector_name, _, absorber_name = method.strip().lower().partition("+")
+    selector, absorber = SELECTORS.get(selector_name), ABSORBERS.get(absorber_name)
+    if selector is not None and selector.draws_random:
+        return True
+    if absorber is None or absorber.draws_random is Absorber.draws_random:  # never draws: no need to build it
+        return False
+    return absorber(**{k: v for k, v in (options or {}).items() if k in method_options(absorber)}).draws_random()
+
+
 def option_defaults(cls: type) -> str:
     """``"name=default, ..."`` of a selector's or absorber's own options ("" for none)."""
     return ", ".join(f"{f.name}={f.default}" for f in _own_fields(cls))

@@ -1,20 +1,27 @@
 """CaM, Cache Merging (Zhang et al., ICML 2024): merge an evicted value into its kept neighbours.
 
-For an evicted entry i and the next ``m`` entries after it (N): ``M ~ Bernoulli(clamp(p, 0, 1))``
-per sequence and KV head, and ``V_k += M * V_i / m`` for every k in N. Keys are never merged. The
-gate's probability ``p`` has two readings (METHODS.md), the option ``normalizer``:
+The paper's rule: for an evicted entry i and the next ``m`` entries after it (N), ``M ~ Bernoulli(
+clamp(p, 0, 1))`` per sequence and KV head, and ``V_k += M * V_i / m`` for every k in N. Keys are
+never merged. Each part is an option (METHODS.md; the study behind the defaults is in
+docs/BENCHMARKS.md):
 
-- ``"max"`` (default): ``p = Ā_i / max(Ā over the kept entries)``, the official code behind the
-  paper's zero-shot tables; ``max_over="windows"`` takes the max over the protected sinks and
-  recent window only, as that code does (with StreamingLLM's windows).
-- ``"mean"``: ``p = Ā_i / mean(Ā_N)``, Eq. 14 as printed (and kvpress's ``CAMPress``).
+- ``normalizer``: ``"max"`` (default), ``p = Ā_i / max(Ā over the kept entries)``, the official code
+  behind the paper's zero-shot tables (``max_over="windows"``: over the sinks and the recent window
+  only, as that code does); ``"mean"``, ``p = Ā_i / mean(Ā_N)``, Eq. 14 as printed (kvpress's
+  ``CAMPress``).
+- ``gate``: ``"expected"`` (default) merges ``p * V_i / m`` every time, the Bernoulli merge's
+  expectation without its variance (no seed needed); ``"bernoulli"`` draws M, as the paper does.
+- ``centered`` (default on) merges ``V_i - Ō`` instead of ``V_i``, where ``Ō = sum_j Ā_j V_j / sum_j Ā_j``
+  over the cache before the eviction (the mean past attention output). After an eviction the
+  softmax renormalises, so the output moves by ``A_i / (1 - A_i) * (O - V_i)``: putting back ``A_i V_i``
+  leaves ``A_i / (1 - A_i) * O``, a drift along the mean output that piles up in long-lived targets;
+  putting back ``A_i (V_i - Ō)`` leaves about nothing when ``O`` is near ``Ō``.
+- ``targets``: ``"window"`` (default): of the next m entries, only those in the protected recent window
+  receive (the official code merges into the local window; a selector without one, TOVA, then
+  merges nothing); ``"next"``: all of them, as Eq. 14 reads.
+- ``per_step``: the gate compares Ā per query since each entry arrived, ``Ā_j / (seen - position_j)``.
 
-Two variants beyond the paper, off by default: ``gate="expected"`` merges ``p * V_i / m`` every time
-instead of drawing (the Bernoulli merge's expectation, without its variance), and ``centered=True``
-merges ``V_i - Ō`` instead of ``V_i``, where ``Ō = sum_j Ā_j V_j / sum_j Ā_j`` over the cache before
-the eviction (the mean past attention output). After an eviction the softmax renormalises, so the
-output moves by ``A_i / (1 - A_i) * (O - V_i)``; putting back ``A_i V_i`` leaves ``A_i / (1 - A_i) * O``,
-putting back ``A_i (V_i - Ō)`` leaves about nothing when ``O`` is near ``Ō``.
+The paper's rule is ``normalizer="mean", gate="bernoulli", centered=False, targets="next"``.
 
 CaM is defined one eviction per step. When one compression evicts several entries (a chunk, or
 the prompt under the ``prefill`` schedule), they are merged as that many single evictions in
@@ -90,6 +97,7 @@ _ACTIVE_LOG: ContextVar[MergeLog | None] = ContextVar("kvmerge_cam_merge_log", d
 NORMALIZERS = ("max", "mean")
 MAX_OVER = ("kept", "windows")
 GATES = ("bernoulli", "expected")
+TARGETS = ("next", "window")
 
 
 def merge_gate(
@@ -112,26 +120,25 @@ def merge_probability(evicted_attention: torch.Tensor, normalizer: torch.Tensor,
 
 @dataclass(frozen=True)
 class CaM(Absorber):
-    """Options: ``normalizer`` (``"max"``, ``"mean"``), ``max_over`` (``"kept"``, ``"windows"``), ``gate``
-    (``"bernoulli"``, ``"expected"``), ``centered`` and ``per_step`` (the gate compares Ā per step since
-    each entry arrived, ``Ā_j / (seen - position_j)``, instead of Ā: entries of different ages compare
-    by their attention rate); see the module. ``m`` and the seed are the shared ``merge_window`` and
-    ``seed``."""
+    """Options ``normalizer``, ``max_over``, ``gate``, ``centered``, ``targets`` and ``per_step``: see the
+    module. ``m`` and the seed are the shared ``merge_window`` and ``seed``."""
 
     normalizer: Literal["max", "mean"] = "max"
     max_over: Literal["kept", "windows"] = "kept"
-    gate: Literal["bernoulli", "expected"] = "bernoulli"
-    centered: bool = False
+    gate: Literal["bernoulli", "expected"] = "expected"
+    centered: bool = True
     per_step: bool = False
+    targets: Literal["next", "window"] = "window"
 
     name = "cam"
-    description = "Cache Merging: merge each evicted value into its next m kept neighbours, Bernoulli-gated"
+    description = "Cache Merging: merge each evicted value into its next m neighbours in the local window, gated"
 
     def __post_init__(self) -> None:
         for option, value, valid in (
             ("normalizer", self.normalizer, NORMALIZERS),
             ("max_over", self.max_over, MAX_OVER),
             ("gate", self.gate, GATES),
+            ("targets", self.targets, TARGETS),
         ):
             if value not in valid:
                 raise ValueError(f"cam's {option} must be one of {', '.join(map(repr, valid))}, got {value!r}")
@@ -143,6 +150,9 @@ class CaM(Absorber):
 
     def statistics(self, config: CompressionConfig) -> tuple[Statistic, ...]:
         return (AccumulatedAttention(config.gqa),)
+
+    def draws_random(self) -> bool:
+        return self.gate == "bernoulli"
 
     def absorb(self, eviction: Eviction, config: CompressionConfig) -> None:
         slots = eviction.evicted_slots
@@ -160,6 +170,8 @@ class CaM(Absorber):
         gap = after.index - position  # [b, h, k]: > 0 for the later entries
         nearest = gap.masked_fill_(gap <= 0, _FAR).topk(min(m, gap.shape[-1]), dim=-1, largest=False)
         neighbours, present = nearest.indices, nearest.values < _FAR  # [b, h, m]
+        if self.targets == "window":
+            present = present & _in_window(after.index.gather(-1, neighbours), eviction.windows)
         if self.normalizer == "mean":
             attention = self._attention(after).gather(-1, neighbours)
             normalizer, count = (attention * present).sum(-1, keepdim=True), present.sum(-1, keepdim=True)
@@ -179,7 +191,6 @@ class CaM(Absorber):
     def _absorb_several(self, eviction: Eviction, config: CompressionConfig) -> None:
         """Any evictions, ``before`` in position order: each merges in position order (see the module)."""
         before, after, m = eviction.before, eviction.after, config.merge_window
-        attention = self._attention(before)
         # Evicted slots per row in position order (padded with slots that were not evicted): [b, h, e].
         slots, is_evicted = eviction.evicted_slots, None
         if slots is None:
@@ -200,6 +211,17 @@ class CaM(Absorber):
         neighbours = slot_of_rank.gather(-1, neighbour_rank.clamp(max=rank.shape[-1] - 1).flatten(2)).view_as(
             neighbour_rank
         )
+        # The kept neighbours: their slots in after, -1 where not kept.
+        kept_slots = eviction.kept_slots  # [b, h, k], -1 for an empty slot of after
+        n = rank.shape[-1]
+        after_slot = torch.full((*kept_slots.shape[:2], n + 1), -1, dtype=torch.long, device=kept_slots.device)
+        after_slot = after_slot.scatter_(-1, torch.where(kept_slots >= 0, kept_slots, n), _slots(kept_slots))[..., :n]
+        targets = after_slot.gather(-1, neighbours.flatten(2)).view_as(neighbours)  # -1: not kept
+        if self.targets == "window":  # kept neighbours count only inside the window; evicted ones pass on
+            positions = before.index.gather(-1, neighbours.flatten(2)).view_as(neighbours)
+            has_neighbour = has_neighbour & ((targets < 0) | _in_window(positions, eviction.windows))
+        hit = has_neighbour & (targets >= 0)
+        attention = self._attention(before)
         if self.normalizer == "mean":
             neighbour_attention = attention.gather(-1, neighbours.flatten(2)).view_as(neighbours)
             normalizer, count = (neighbour_attention * has_neighbour).sum(-1), has_neighbour.sum(-1)
@@ -221,12 +243,7 @@ class CaM(Absorber):
         if slots.shape[-1] > 1:
             merged = _cascade(merged, weight / m, evicted_rank, m)
         # Each weighted value / m into its kept neighbours (the evicted ones took theirs in the cascade).
-        kept_slots = eviction.kept_slots  # [b, h, k], -1 for an empty slot of after
-        n = rank.shape[-1]
-        after_slot = torch.full((*kept_slots.shape[:2], n + 1), -1, dtype=torch.long, device=kept_slots.device)
-        after_slot = after_slot.scatter_(-1, torch.where(kept_slots >= 0, kept_slots, n), _slots(kept_slots))[..., :n]
-        targets = after_slot.gather(-1, neighbours.flatten(2)).view_as(neighbours)  # -1: not kept
-        _scatter(after.values, merged, weight, targets.clamp(min=0), has_neighbour & (targets >= 0), m)
+        _scatter(after.values, merged, weight, targets.clamp(min=0), hit, m)
 
     def _max(self, after: Entries, windows: tuple[int, torch.Tensor] | None) -> tuple[torch.Tensor, torch.Tensor]:
         """The max normaliser ``[b, h, 1]`` over the kept entries (or their protected windows) and the
@@ -243,10 +260,7 @@ class CaM(Absorber):
 
     def _attention(self, entries: Entries) -> torch.Tensor:
         """The gate's attention statistic ``[b, h, n]``: Ā, or Ā per step since arrival (``per_step``)."""
-        attention = entries.stats[AccumulatedAttention.name]
-        if not self.per_step:
-            return attention
-        return attention / (entries.seen.view(-1, 1, 1) - entries.index).clamp(min=1)
+        return _rate(entries) if self.per_step else entries.stats[AccumulatedAttention.name]
 
     def _weight(
         self,
@@ -263,6 +277,20 @@ class CaM(Absorber):
             return merge_probability(evicted_attention, normalizer, count)
         heads = head_keys(config.seed, layer_idx, positions.shape[1], positions.device)
         return merge_gate(uniform_at(heads, positions), evicted_attention, normalizer, count)
+
+
+def _in_window(positions: torch.Tensor, windows: tuple[int, torch.Tensor] | None) -> torch.Tensor:
+    """Whether entries at ``positions`` ``[b, h, ...]`` lie in the protected recent window."""
+    if windows is None:
+        raise ValueError("cam's targets='window' needs the compression's protected windows")
+    recent_start = windows[1]
+    return positions >= recent_start.view(-1, 1, *(1,) * (positions.dim() - 2))
+
+
+def _rate(entries: Entries) -> torch.Tensor:
+    """Each entry's attention rate ``[b, h, n]``: Ā per query since it arrived, ``Ā_j / (seen - position_j)``."""
+    age = (entries.seen.view(-1, 1, 1) - entries.index).clamp(min=1)
+    return entries.stats[AccumulatedAttention.name] / age
 
 
 def _mean_output(entries: Entries) -> torch.Tensor:

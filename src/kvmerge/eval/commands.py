@@ -96,7 +96,7 @@ def _subcommand(subparsers, name: str, summary: str, examples: str, out: str) ->
 
 
 def add_eval_commands(subparsers: argparse._SubParsersAction) -> None:
-    """Add ``eval {ppl,qa,summarization,needle,perturbation}`` and ``report DIR`` to a CLI's subparsers.
+    """Add ``eval {ppl,qa,summarization,needle,perturbation,growth}`` and ``report DIR`` to a CLI's subparsers.
 
     Every leaf parser has a ``func(args) -> int`` default (the exit code).
     """
@@ -180,6 +180,21 @@ def add_eval_commands(subparsers: argparse._SubParsersAction) -> None:
     perturbation.add_argument("--dataset", default="pg-essays", help="wikitext2, pg-essays or a text file (pg-essays)")
     perturbation.set_defaults(func=_run_perturbation, chunk_default=1)
 
+    growth = _subcommand(
+        benchmarks,
+        "growth",
+        "value-norm growth on a long stream: the largest value norm of any layer, merging vs the selector alone",
+        """
+        kvmerge eval growth --methods h2o,h2o+cam,tova,tova+cam --budgets 256 --limit 20000
+        kvmerge eval growth --methods streaming,streaming+cam --budgets 256 --option normalizer=mean --limit 5000
+        """,
+        "eval-growth",
+    )
+    _add_common(growth, PAIRS, "256", 20_000, "tokens streamed")
+    growth.add_argument("--dataset", default="pg-essays", help="wikitext2, pg-essays or a text file (pg-essays)")
+    growth.add_argument("--every", type=int, default=1000, help="tokens between measurements (1000)")
+    growth.set_defaults(func=_run_growth, chunk_default=16)
+
     report = subparsers.add_parser(
         "report",
         help="re-render results.md and the plots of a results folder from its results.json",
@@ -204,7 +219,7 @@ def _load(args: argparse.Namespace):
         unused = set(args.options) - {key for m in args.methods for key in options_for(m, args.options)}
         if unused:
             raise UsageError(f"no method of {','.join(args.methods)} takes option(s) {', '.join(sorted(unused))}")
-        for method, budget, seed in run_grid(args.methods, args.budgets, args.seeds):
+        for method, budget, seed in run_grid(args.methods, args.budgets, args.seeds, args.options):
             own = options_for(method, args.options)
             built = kvmerge.make_method(method, budget, seed=seed, chunk_size=_chunk(args), **own)
             if args.benchmark in TEACHER_FORCED:
@@ -282,6 +297,24 @@ def _run_perturbation(args: argparse.Namespace) -> int:
     run_perturbation(
         model, tok, text, args.methods, args.budgets, args.seeds, tokens=args.limit, chunk=_chunk(args),
         out_dir=args.out, model_name=args.model, options=args.options,
+    )  # fmt: skip
+    return _done(args.out)
+
+
+def _run_growth(args: argparse.Namespace) -> int:
+    from kvmerge.cli import UsageError
+    from kvmerge.eval.data import load_text
+    from kvmerge.eval.growth import run_growth
+
+    if len(args.budgets) != 1 or not isinstance(args.budgets[0], int):
+        raise UsageError(f"growth takes one int budget (entries per head), got {args.budgets}")
+    if args.every < 1 or (args.limit or 0) < args.every:
+        raise UsageError(f"--every must be between 1 and --limit ({args.limit}), got {args.every}")
+    model, tok = _load(args)
+    text = load_text(args.dataset, args.data_dir)
+    run_growth(
+        model, tok, text, args.methods, args.budgets[0], args.seeds, tokens=args.limit, chunk=_chunk(args),
+        every=args.every, out_dir=args.out, model_name=args.model, options=args.options,
     )  # fmt: skip
     return _done(args.out)
 

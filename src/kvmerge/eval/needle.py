@@ -108,7 +108,7 @@ def run_needle(
     prompts = {
         length: [build_prompt(tokenizer, haystack, length, d, needle, question) for d in depths] for length in lengths
     }
-    runs = results.run_grid(methods, budgets, seeds)
+    runs = results.run_grid(methods, budgets, seeds, options)
     records = []
     for (method, budget, seed), length in tqdm([(r, n) for r in runs for n in lengths], desc="needle"):
         start = time.perf_counter()

@@ -84,7 +84,7 @@ def run_perturbation(
     ``value_norm_max`` (of the cache at the end), the run's ``seconds``, and for ``+cam`` methods
     ``pass_rate`` and ``merges_per_step`` (see :class:`~kvmerge.absorbers.cam.MergeLog`).
     """
-    runs = results.run_grid([m for m in methods if m != "full"], budgets, seeds)
+    runs = results.run_grid([m for m in methods if m != "full"], budgets, seeds, options)
     for method, budget, seed in runs:  # validate every run before any compute
         own = options_for(method, options or {})
         require_step_schedule(kvmerge.make_method(method, budget, seed=seed, chunk_size=chunk, **own))

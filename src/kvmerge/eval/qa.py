@@ -46,7 +46,7 @@ def run_qa(
     harness.register()
     manager = harness.task_manager(data_dir, include_defaults=not all(t in harness.QA_TASKS for t in tasks))
     logging.getLogger("lm_eval").setLevel(logging.WARNING)
-    runs = results.run_grid(methods, budgets, seeds)
+    runs = results.run_grid(methods, budgets, seeds, options)
     config = {
         "model": model_name,
         "methods": methods,

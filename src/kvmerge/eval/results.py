@@ -22,7 +22,7 @@ import matplotlib
 matplotlib.use("Agg")
 import matplotlib.pyplot as plt
 
-from kvmerge.registry import method_settings
+from kvmerge.registry import draws_random, method_settings
 
 RESULTS_JSON = "results.json"
 RESULTS_MD = "results.md"
@@ -32,26 +32,28 @@ BENCHMARKS = {
     "summarization": "kvmerge.eval.summarization",
     "needle": "kvmerge.eval.needle",
     "perturbation": "kvmerge.eval.perturbation",
+    "growth": "kvmerge.eval.growth",
     "ppl": "kvmerge.eval.sweep",
     "bench": "kvmerge.eval.bench",
 }
 
 
-def is_seeded(method: str) -> bool:
-    """Whether ``method`` draws random numbers (CaM's gate, the random selector): only those need several seeds."""
-    return "+cam" in method or method.split("+")[0] == "random"
+def is_seeded(method: str, options: dict | None = None) -> bool:
+    """Whether ``method`` (with ``options``) draws random numbers (CaM's Bernoulli gate, the random selector):
+    only those need several seeds."""
+    return draws_random(method, options)
 
 
 def run_grid(
-    methods: list[str], budgets: list[float | int], seeds: list[int]
+    methods: list[str], budgets: list[float | int], seeds: list[int], options: dict | None = None
 ) -> list[tuple[str, float | int | None, int]]:
     """The (method, budget, seed) runs of a sweep: ``full`` once with budget ``None``; methods without
-    randomness with the first seed only."""
+    randomness (with ``options``) with the first seed only."""
     return [
         (method, None if method == "full" else budget, seed)
         for method in methods
         for budget in ([None] if method == "full" else budgets)
-        for seed in (seeds if is_seeded(method) else seeds[:1])
+        for seed in (seeds if is_seeded(method, options) else seeds[:1])
     ]
 
 

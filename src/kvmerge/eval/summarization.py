@@ -109,7 +109,7 @@ def run_summarization(
     file, suffix = DATASETS[dataset]
     docs = local.read_jsonl(local.data_dir(data_dir) / file, limit)
     prompts = [doc["article"] + suffix for doc in docs]
-    runs = results.run_grid(methods, budgets, seeds)
+    runs = results.run_grid(methods, budgets, seeds, options)
     records, examples = [], []
     for method, budget, seed in tqdm(runs, desc=f"{dataset} runs"):
         start = time.perf_counter()

@@ -35,7 +35,7 @@ def run_ppl_sweep(
     :func:`~kvmerge.eval.perplexity.streaming_perplexity` dicts, one per (method, budget, seed).
     """
     text = load_text(dataset, data_dir)
-    runs = results.run_grid(methods, budgets, seeds)
+    runs = results.run_grid(methods, budgets, seeds, options)
     records = []
     for method, budget, seed in tqdm(runs, desc=f"ppl {dataset}"):
         run = streaming_perplexity(

@@ -15,6 +15,7 @@ from kvmerge.rng import hashed_uniform
 class Random(Selector):
     name = "random"
     description = "baseline: evict uniformly random entries (fresh seeded draws every step)"
+    draws_random = True
 
     def scores(self, entries: Entries, config: CompressionConfig) -> torch.Tensor:
         heads = torch.arange(entries.index.shape[1], device=entries.index.device).view(1, -1, 1)
