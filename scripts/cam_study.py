@@ -58,6 +58,10 @@ def key(run: dict) -> tuple:
     return run["data"], run["budget"], run["selector"], run["variant"], run["seed"], run["tokens"]
 
 
+def finished(log: Path) -> set[tuple]:
+    return {key(json.loads(line)) for line in log.read_text().splitlines()} if log.exists() else set()
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--out", type=Path, default=Path("runs/cam_study"))
@@ -90,12 +94,11 @@ def main() -> None:
     model, tokenizer = kvmerge.load_model("default")
     texts = {name: load_text(name) for name in args.data}
     index, count = (int(x) for x in args.shard.split("/"))
-    finished = {key(r) for r in done}
     for i, run in enumerate(configurations(args)):
         run["tokens"] = args.tokens
         if args.merge_window != 16:
             run["merge_window"] = args.merge_window
-        if i % count != index or key(run) in finished:
+        if i % count != index or key(run) in finished(log):  # read again: another process may have run it
             continue
         method = run["selector"] if run["variant"] == "none" else run["selector"] + "+cam"
         budget = None if method == "full" else run["budget"]
@@ -137,8 +140,10 @@ def summarize_gaps(done: list[dict]) -> None:
                 row.append("")
                 continue
             a, c = statistics.mean(alone), statistics.mean(cam)
-            gap = (a - c) / (a - full[data]) if data in full and a != full[data] else float("nan")
-            row.append(f"{a:.2f} → {c:.2f} ({100 * gap:+.1f}%)")
+            if data not in full or a - full[data] < 0.01 * full[data]:  # no gap to close
+                row.append(f"{a:.2f} → {c:.2f} (no gap)")
+                continue
+            row.append(f"{a:.2f} → {c:.2f} ({100 * (a - c) / (a - full[data]):+.1f}%)")
         print(f"| {data} | {budget:g} | {full.get(data, float('nan')):.2f} | " + " | ".join(row) + " |")
 
 

@@ -398,7 +398,16 @@ def _kvpress_pairs() -> dict[str, tuple[str, dict, Callable]]:
         ),
         "cam": (
             "streaming+cam",
-            {"schedule": "prefill", "decode_interval": 1, "merge_window": 16},
+            # kvpress's CAMPress is Eq. 14 as printed: compare the same rule, not kvmerge's default
+            {
+                "schedule": "prefill",
+                "decode_interval": 1,
+                "merge_window": 16,
+                "normalizer": "mean",
+                "gate": "bernoulli",
+                "centered": False,
+                "targets": "next",
+            },
             lambda ratio, kept: kvpress.CAMPress(
                 base_press=kvpress.StreamingLLMPress(),
                 compression_interval=1,
