@@ -21,7 +21,7 @@ from kvmerge.stats import (
 from tests.conftest import VOCAB
 
 DIM = 4
-PAPER = {"normalizer": "mean", "gate": "bernoulli", "centered": False}  # CaM's rule as Eq. 14 prints it
+PAPER = {"normalizer": "mean", "gate": "bernoulli", "centered": False, "targets": "next"}  # Eq. 14 as printed
 
 
 def hand_made_layer(method: str, budget: int, positions: int, stats: dict, heads: int = 2, **options):
@@ -170,7 +170,7 @@ def test_cam_merges_values_per_formula_and_never_touches_keys(normalizer):
     for seed in range(8):
         layer = hand_made_layer(
             "h2o+cam", 5, positions=8, stats={AccumulatedAttention.name: acc}, merge_window=2, seed=seed,
-            normalizer=normalizer, gate="bernoulli", centered=False,
+            normalizer=normalizer, gate="bernoulli", centered=False, targets="next",
         )  # fmt: skip
         keys, values = layer.keys.clone(), layer.values.clone()
         layer.compress()
@@ -198,7 +198,7 @@ def test_cam_expected_gate_merges_the_probability_per_formula(max_over, centered
     acc = torch.tensor([[[0.9, 0.8, 0.1, 0.7, 0.05, 0.2, 0.4, 0.3], [0.2, 0.6, 0.6, 0.3, 0.6, 0.1, 0.5, 0.7]]])
     layer = hand_made_layer(
         "h2o+cam", 5, positions=8, stats={AccumulatedAttention.name: acc}, merge_window=3, gate="expected",
-        max_over=max_over, centered=centered, per_step=per_step,
+        max_over=max_over, centered=centered, per_step=per_step, targets="next",
     )  # fmt: skip
     values = layer.values.clone()
     layer.compress()
