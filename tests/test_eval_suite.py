@@ -339,12 +339,12 @@ def test_rolling_and_generate_until(tiny):
 
 
 GROWTH_SELECTORS = ["streaming", "h2o", "scissorhands", "tova"]
-PAPER_RULE = {"normalizer": "mean", "gate": "bernoulli", "centered": False, "targets": "next"}  # Eq. 14
 
 
 def test_merged_values_stay_bounded_on_a_long_stream(tiny, tmp_path):
     """CaM as shipped keeps every layer's largest value norm within 1.5x of the selector alone's; the paper's
     rule (Eq. 14), which merges into long-lived entries step after step, does not (so the check can fail)."""
+    from kvmerge.absorbers.cam import PAPER_RULE
     from kvmerge.eval.growth import growth_ratios, run_growth
 
     text = " ".join(f"Sentence {i} says that the number {i * 7 % 13} is here." for i in range(300))

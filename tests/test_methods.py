@@ -6,7 +6,7 @@ import pytest
 import torch
 
 import kvmerge
-from kvmerge.absorbers.cam import merge_gate, merge_probability
+from kvmerge.absorbers.cam import PAPER_RULE, merge_gate, merge_probability
 from kvmerge.cache import KVMergeLayer
 from kvmerge.config import CompressionConfig
 from kvmerge.registry import build_method
@@ -21,7 +21,7 @@ from kvmerge.stats import (
 from tests.conftest import VOCAB
 
 DIM = 4
-PAPER = {"normalizer": "mean", "gate": "bernoulli", "centered": False, "targets": "next"}  # Eq. 14 as printed
+PAPER = PAPER_RULE
 
 
 def hand_made_layer(method: str, budget: int, positions: int, stats: dict, heads: int = 2, **options):

@@ -229,7 +229,7 @@ class KVMergeLayer(CacheLayerMixin):
         # Decoding puts one entry over budget: drop the lowest without ranking the rest.
         dropped = self._lowest(scores, before.index) if self._one_over_budget(n) else None
         if dropped is not None and self._evicts_in_place:
-            self._evict_in_place(before, dropped, recent_start)
+            self._evict_in_place(before, dropped, (self.sink, recent_start))
             return
         if not self.ordered:  # in-place evictions came before: rank in position order
             before, scores = self._reorder(scores)
@@ -246,15 +246,16 @@ class KVMergeLayer(CacheLayerMixin):
             held["index"] = torch.where(kept_slots >= 0, held["index"], -1)
         self._finish(held, lambda: Eviction(
             before, self._entries(held), kept_slots, evicted(), self.absorber_state, evicted_slots,
-            windows=(self.sink, recent_start),
+            windows=(self.sink, recent_start),  # the protected windows, for absorbers that read them
         ))  # fmt: skip
         self.has_empty = has_empty
         if self.key_rotation is not None:
             self._shift_positions()
 
-    def _evict_in_place(self, before: Entries, dropped: torch.Tensor, recent_start: torch.Tensor) -> None:
+    def _evict_in_place(self, before: Entries, dropped: torch.Tensor, windows: tuple[int, torch.Tensor]) -> None:
         """Evict each row's ``dropped`` slot ``[b, h, 1]`` without compaction: swap it with the last slot
-        (the newest entry) in every per-entry tensor and let the buffers keep that slot as room."""
+        (the newest entry) in every per-entry tensor and let the buffers keep that slot as room;
+        ``windows`` as :attr:`~kvmerge.method.Eviction.windows`."""
         n = before.index.shape[-1]
         kept_slots, evicted, last = self._in_place_slots(*dropped.shape[:2], n)  # last: [b, h, 1]
         pair, swapped = torch.cat((dropped, last), dim=-1), torch.cat((last, dropped), dim=-1)  # [b, h, 2]
@@ -263,7 +264,6 @@ class KVMergeLayer(CacheLayerMixin):
         held = {name: tensor.narrow(2, 0, n - 1) for name, tensor in named.items()}
 
         def eviction() -> Eviction:
-            windows = (self.sink, recent_start)
             return Eviction(before, self._entries(held), kept_slots, evicted, self.absorber_state, last, False, windows)
 
         self._finish(held, eviction)

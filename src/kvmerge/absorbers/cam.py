@@ -21,7 +21,7 @@ docs/BENCHMARKS.md):
   merges nothing); ``"next"``: all of them, as Eq. 14 reads.
 - ``per_step``: the gate compares Ā per query since each entry arrived, ``Ā_j / (seen - position_j)``.
 
-The paper's rule is ``normalizer="mean", gate="bernoulli", centered=False, targets="next"``.
+The paper's rule is :data:`PAPER_RULE`: ``normalizer="mean", gate="bernoulli", centered=False, targets="next"``.
 
 CaM is defined one eviction per step. When one compression evicts several entries (a chunk, or
 the prompt under the ``prefill`` schedule), they are merged as that many single evictions in
@@ -98,6 +98,7 @@ NORMALIZERS = ("max", "mean")
 MAX_OVER = ("kept", "windows")
 GATES = ("bernoulli", "expected")
 TARGETS = ("next", "window")
+PAPER_RULE = {"normalizer": "mean", "gate": "bernoulli", "centered": False, "targets": "next"}  # Eq. 14 as printed
 
 
 def merge_gate(

@@ -44,6 +44,7 @@ from pathlib import Path
 
 import torch
 
+from kvmerge.absorbers.cam import PAPER_RULE
 from kvmerge.cli import positive_int
 
 # Targets of issue 5 (ratios measured in one run): name -> (threshold, comparison).
@@ -399,15 +400,7 @@ def _kvpress_pairs() -> dict[str, tuple[str, dict, Callable]]:
         "cam": (
             "streaming+cam",
             # kvpress's CAMPress is Eq. 14 as printed: compare the same rule, not kvmerge's default
-            {
-                "schedule": "prefill",
-                "decode_interval": 1,
-                "merge_window": 16,
-                "normalizer": "mean",
-                "gate": "bernoulli",
-                "centered": False,
-                "targets": "next",
-            },
+            {"schedule": "prefill", "decode_interval": 1, "merge_window": 16, **PAPER_RULE},
             lambda ratio, kept: kvpress.CAMPress(
                 base_press=kvpress.StreamingLLMPress(),
                 compression_interval=1,
