@@ -121,8 +121,8 @@ def test_kv_accounting_is_kept_entries_times_bytes_per_entry(method, batch):
     ids = torch.randint(0, VOCAB, (batch, 50), generator=torch.Generator().manual_seed(0))
     cache = kvmerge.make_cache(model, method, 12, chunk_size=5)
     with torch.no_grad():
-        model(ids, past_key_values=cache)
-        model(ids[:, :1], past_key_values=cache)
+        model(ids, **kvmerge.with_cache(model, cache))
+        model(ids[:, :1], **kvmerge.with_cache(model, cache))
     accounting = bench.kv_accounting(cache, model)
     assert accounting["kept_per_head"] == 12
     assert accounting["kv_bytes"] == cache.kv_bytes() == batch * 12 * 2 * 2 * 16 * 8

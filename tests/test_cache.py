@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import warnings
+
 import pytest
 import torch
 
@@ -16,7 +18,7 @@ def ids_of(length: int, seed: int = 0, batch: int = 1) -> torch.Tensor:
 def run(model, method: str, ids: torch.Tensor, **options) -> tuple[torch.Tensor, kvmerge.KVMergeCache]:
     cache = kvmerge.make_cache(model, method, **options)
     with torch.no_grad():
-        return model(ids, past_key_values=cache).logits, cache
+        return model(ids, **kvmerge.with_cache(model, cache)).logits, cache
 
 
 @pytest.mark.parametrize("method", ["streaming", "h2o+cam", "scissorhands", "tova+cam"])
@@ -56,7 +58,7 @@ def generate(model, ids, cache, mask=None):
     out = model.generate(
         ids,
         attention_mask=mask,
-        past_key_values=cache,
+        **kvmerge.with_cache(model, cache),
         max_new_tokens=8,
         do_sample=False,
         output_logits=True,
@@ -89,7 +91,7 @@ def test_padding_is_never_kept(llama):
     _, batch, mask = left_padded_batch([30, 12])
     cache = kvmerge.make_cache(llama, "h2o", budget=10, chunk_size=2)
     with torch.no_grad():
-        llama(batch, attention_mask=mask, past_key_values=cache)
+        llama(batch, attention_mask=mask, **kvmerge.with_cache(llama, cache))
     for layer in cache.layers:
         assert sorted(layer.index[1, 0].tolist()) == sorted(layer.index[1, 1].tolist())
         assert (layer.index >= 0).all()  # both sequences are over budget: only real tokens are held
@@ -111,10 +113,10 @@ def test_same_seed_same_result(llama, method):
 def test_prefill_schedule_compresses_once_then_appends(llama):
     cache = kvmerge.make_cache(llama, "h2o", budget=10, schedule="prefill")
     with torch.no_grad():
-        llama(ids_of(40), past_key_values=cache)
+        llama(ids_of(40), **kvmerge.with_cache(llama, cache))
         assert cache.kept_tokens() == 10
         for token in range(5):
-            llama(ids_of(1, seed=token), past_key_values=cache)
+            llama(ids_of(1, seed=token), **kvmerge.with_cache(llama, cache))
     assert cache.kept_tokens() == 15
     assert cache.get_seq_length() == 45
 
@@ -123,9 +125,9 @@ def test_prefill_schedule_with_decode_interval(llama):
     cache = kvmerge.make_cache(llama, "tova", budget=10, schedule="prefill", decode_interval=4)
     sizes = []
     with torch.no_grad():
-        llama(ids_of(40), past_key_values=cache)
+        llama(ids_of(40), **kvmerge.with_cache(llama, cache))
         for token in range(8):
-            llama(ids_of(1, seed=token), past_key_values=cache)
+            llama(ids_of(1, seed=token), **kvmerge.with_cache(llama, cache))
             sizes.append(cache.kept_tokens())
     assert sizes == [11, 12, 13, 10, 11, 12, 13, 10]
 
@@ -137,7 +139,9 @@ def test_fraction_budget_is_a_fraction_of_the_prompt(llama):
 
 def test_generate_runs_in_a_fixed_budget(llama):
     cache = kvmerge.make_cache(llama, "h2o+cam", budget=16, chunk_size=8)
-    out = llama.generate(ids_of(40), past_key_values=cache, max_new_tokens=30, do_sample=False, pad_token_id=0)
+    out = llama.generate(
+        ids_of(40), **kvmerge.with_cache(llama, cache), max_new_tokens=30, do_sample=False, pad_token_id=0
+    )
     assert out.shape == (1, 70)
     assert cache.kept_tokens() == 16
     assert cache.get_seq_length() == 69
@@ -148,8 +152,8 @@ def test_true_positions_survive_eviction(llama):
     ids = ids_of(30)
     cache = kvmerge.make_cache(llama, "streaming", budget=30, chunk_size=1)
     with torch.no_grad():
-        llama(ids[:, :29], past_key_values=cache)
-        last = llama(ids[:, 29:], past_key_values=cache).logits
+        llama(ids[:, :29], **kvmerge.with_cache(llama, cache))
+        last = llama(ids[:, 29:], **kvmerge.with_cache(llama, cache)).logits
         full = llama(ids).logits[:, -1:]
     torch.testing.assert_close(last, full, atol=1e-5, rtol=1e-5)
 
@@ -180,7 +184,12 @@ def family_model(request):
         ("h2o", -3, {}, ValueError, "budget must be > 0"),
         ("h2o", 1.5, {}, ValueError, "fraction in (0, 1]"),
         ("h2o", 0.0, {}, ValueError, "fraction in (0, 1]"),
-        ("h2o", "10", {}, TypeError, "budget must be an int"),
+        ("h2o", "ten", {}, ValueError, "invalid budget 'ten'"),
+        ("h2o", [10], {}, TypeError, "budget must be an int"),
+        ("full", 0.2, {}, ValueError, "takes no budget"),
+        ("streaming", 3, {}, ValueError, "raise the budget to at least 4"),
+        ("h2o", 10, {"sink": 12}, ValueError, "raise the budget to at least 12"),
+        ("h2o", 10, {"recent": 11}, ValueError, "raise the budget to at least 11"),
         ("h2o", True, {}, TypeError, "budget must be an int"),
         ("streaming", 10, {"sink": 4, "recent": 8}, ValueError, "exceeds the budget"),
         ("h2o", 10, {"schedule": "always"}, ValueError, "schedule must be"),
@@ -206,9 +215,24 @@ def test_bad_input_is_a_clear_error(llama, method, budget, options, error, messa
     assert message in str(info.value)
 
 
-def test_streaming_sinks_larger_than_budget(llama):
-    with pytest.raises(ValueError, match="exceeds a sequence's budget"):
-        run(llama, "streaming", ids_of(20), budget=3)
+def test_a_fraction_below_the_sinks_is_raised_to_them_with_a_warning(llama):
+    with pytest.warns(UserWarning, match=r"budget 0.05 of a prompt under 80 tokens .* the 4 entries .* raised to 4"):
+        _, cache = run(llama, "streaming", ids_of(40), budget=0.05)
+    assert cache.kept_tokens() == 4  # the sinks alone
+    with pytest.warns(UserWarning, match="budget 0.2 of a prompt under 160 tokens keeps fewer than 32 entries"):
+        run(llama, "h2o", ids_of(40), budget=0.2)
+
+
+def test_a_fraction_that_keeps_enough_does_not_warn(llama):
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")
+        run(llama, "h2o", ids_of(200), budget=0.2, chunk_size=16)
+
+
+def test_string_budgets_read_as_the_cli_reads_them(llama):
+    assert kvmerge.make_method("h2o", "20%").config.budget == 0.2
+    assert kvmerge.make_method("h2o", "0.2").config.budget == 0.2
+    assert kvmerge.make_method("h2o", "256").config.budget == 256
 
 
 def test_unsupported_attention_and_sliding_window_models():
@@ -227,7 +251,7 @@ def test_foreign_attention_is_detected(llama):
     llama.set_attn_implementation("sdpa")
     try:
         with pytest.raises(RuntimeError, match="did not go through kvmerge"), torch.no_grad():
-            llama(ids_of(5), past_key_values=cache)
+            llama(ids_of(5), **kvmerge.with_cache(llama, cache))
     finally:
         llama.set_attn_implementation("kvmerge")
 
@@ -283,6 +307,6 @@ def test_position_shift_needs_rope():
 def test_a_compressed_cache_cannot_be_cropped(llama):
     cache = kvmerge.make_cache(llama, "h2o", budget=8, chunk_size=4)
     with torch.no_grad():
-        llama(ids_of(20), past_key_values=cache)
+        llama(ids_of(20), **kvmerge.with_cache(llama, cache))
     with pytest.raises(RuntimeError, match="cannot be rolled back"):
         cache.crop(10)

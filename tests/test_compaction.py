@@ -95,12 +95,12 @@ def test_evicting_in_place_holds_what_compaction_holds(method, less_kernels):
     outputs = [[], []]
     with torch.no_grad():
         for cache, logits in zip(caches, outputs, strict=True):
-            logits.append(model(ids[:, :20], past_key_values=cache).logits)
+            logits.append(model(ids[:, :20], **kvmerge.with_cache(model, cache)).logits)
             for t in range(20, 60):
-                logits.append(model(ids[:, t : t + 1], past_key_values=cache).logits)
+                logits.append(model(ids[:, t : t + 1], **kvmerge.with_cache(model, cache)).logits)
             ordered = [layer.ordered for layer in cache.layers]
             assert ordered == [cache is caches[1]] * len(ordered)  # only the in-place cache lost the order
-            logits.append(model(ids[:, 60:80], past_key_values=cache).logits)
+            logits.append(model(ids[:, 60:80], **kvmerge.with_cache(model, cache)).logits)
     for fast, slow in zip(*outputs, strict=True):
         torch.testing.assert_close(fast, slow, atol=1e-5, rtol=1e-5)
     for fast, slow in zip(caches[0].layers, caches[1].layers, strict=True):
@@ -130,7 +130,10 @@ def test_layers_compressed_together_equal_layer_by_layer(monkeypatch, family, me
     monkeypatch.setattr(LayerStack, "_stack", lambda self: stackings.append(stack(self)) or stackings[-1])
     calls = [(0, 20), *((t, t + 1) for t in range(20, 40)), (40, 45), *((t, t + 1) for t in range(45, 60))]
     with torch.no_grad():
-        logits = [[model(ids[:, s:e], past_key_values=cache).logits for s, e in calls] for cache in (together, alone)]
+        logits = [
+            [model(ids[:, s:e], **kvmerge.with_cache(model, cache)).logits for s, e in calls]
+            for cache in (together, alone)
+        ]
     assert all(torch.equal(a, b) for a, b in zip(*logits, strict=True))
     for stacked, single in zip(together.layers, alone.layers, strict=True):
         for name, tensor in stacked._named(stacked.entries).items():
@@ -144,13 +147,13 @@ def test_the_stack_lets_go_of_its_buffers_when_a_layer_compresses_alone():
     cache = kvmerge.make_cache(model, "h2o+cam", 12, chunk_size=4)
     stack = cache.layers[0].stack
     with torch.no_grad():
-        model(ids[:, :20], past_key_values=cache)
-        model(ids[:, 20:21], past_key_values=cache)
+        model(ids[:, :20], **kvmerge.with_cache(model, cache))
+        model(ids[:, 20:21], **kvmerge.with_cache(model, cache))
         shared = {layer.keys.untyped_storage().data_ptr() for layer in cache.layers}
         assert stack._full and len(shared) == 1  # every layer's keys live in one buffer
-        model(ids[:, 21:26], past_key_values=cache)  # steps of 1 and 4 tokens: each layer compresses alone
+        model(ids[:, 21:26], **kvmerge.with_cache(model, cache))  # steps of 1 and 4 tokens: each layer compresses alone
         assert stack._stacked is None and not stack._full and not stack._slices
-        model(ids[:, 26:27], past_key_values=cache)
+        model(ids[:, 26:27], **kvmerge.with_cache(model, cache))
     assert {layer.keys.untyped_storage().data_ptr() for layer in cache.layers} == {
         stack._full["keys"].untyped_storage().data_ptr()
     }
@@ -166,7 +169,9 @@ def test_beam_search_reorders_stacked_layers(method):
         cache = KVMergeCache(kvmerge.make_method(method, 10), 2, compress_together=together)
         kvmerge.make_cache(model, method, 10)  # switches the model to kvmerge attention
         outputs.append(
-            model.generate(ids, past_key_values=cache, num_beams=3, max_new_tokens=12, do_sample=False, pad_token_id=0)
+            model.generate(
+                ids, **kvmerge.with_cache(model, cache), num_beams=3, max_new_tokens=12, do_sample=False, pad_token_id=0
+            )
         )
     assert torch.equal(*outputs)
 
@@ -224,9 +229,9 @@ def test_decoding_holds_the_budget_with_room_for_one_entry():
     ids = torch.randint(0, VOCAB, (2, 40), generator=torch.Generator().manual_seed(0))
     cache = kvmerge.make_cache(model, "h2o+cam", 16, chunk_size=8)
     with torch.no_grad():
-        model(ids, past_key_values=cache)
+        model(ids, **kvmerge.with_cache(model, cache))
         for t in range(3):
-            model(ids[:, t : t + 1], past_key_values=cache)
+            model(ids[:, t : t + 1], **kvmerge.with_cache(model, cache))
     for layer in cache.layers:
         entry = layer.keys.shape[0] * layer.keys.shape[1] * layer.keys.shape[-1] * layer.keys.element_size()
         assert layer.kv_bytes() == 2 * 16 * entry  # exact: kept entries x bytes per entry
@@ -253,11 +258,11 @@ def test_room_is_kept_for_decoding_only():
     cache = kvmerge.make_cache(model, "streaming", 20, chunk_size=8)
     layer = cache.layers[0]
     with torch.no_grad():
-        model(ids, past_key_values=cache)
+        model(ids, **kvmerge.with_cache(model, cache))
         entry = layer.keys.shape[1] * layer.keys.shape[-1] * layer.keys.element_size()
         assert layer.kv_bytes() == 2 * 20 * entry
         assert layer.keys.untyped_storage().nbytes() == 20 * entry  # after steps of 8 tokens: no room
-        model(ids[:, :1], past_key_values=cache)
+        model(ids[:, :1], **kvmerge.with_cache(model, cache))
     assert layer.kv_bytes() == 2 * 20 * entry
     assert layer.keys.untyped_storage().nbytes() == len(cache.layers) * 21 * entry  # one buffer for all layers
 

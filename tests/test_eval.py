@@ -5,6 +5,7 @@ from __future__ import annotations
 import json
 import math
 import sys
+import time
 from pathlib import Path
 
 import pytest
@@ -12,7 +13,9 @@ import torch
 from tokenizers import Regex, Tokenizer, decoders, models, pre_tokenizers
 from transformers import LlamaConfig, LlamaForCausalLM, PreTrainedTokenizerFast
 
-from kvmerge.eval import data, load_text, prepare_perplexity, streaming_perplexity
+import kvmerge
+import kvmerge.models
+from kvmerge.eval import data, load_text, local, prepare_perplexity, streaming_perplexity
 from kvmerge.eval.demo import run_demo
 from kvmerge.eval.report import format_table, results_table
 
@@ -125,7 +128,7 @@ def test_segment_size_does_not_change_the_result(tiny):
         ({"method": "h2o+nope"}, ValueError, "valid absorbers"),
         ({"method": "nope"}, ValueError, "valid methods: full, streaming"),
         ({"budget": 1.5}, ValueError, r"fraction in \(0, 1\]"),
-        ({"budget": "0.2"}, TypeError, "budget must be"),
+        ({"budget": "a fifth"}, ValueError, "invalid budget"),
         ({"segment": 0}, ValueError, "segment must be >= 1"),
         ({"budget": 10, "sink": 8, "recent": 8}, ValueError, "exceeds the budget"),
     ],
@@ -146,11 +149,11 @@ def test_pg_essays_are_the_49_essays():
     assert text.count("\n\n") >= 48
 
 
-def test_wikitext2_from_shared_data_relative_to_the_repo(monkeypatch):
+def test_wikitext2_from_the_checkout_data_from_any_folder(monkeypatch, tmp_path):
     if not (REPO.parent / "shared" / "data" / data.WIKITEXT2_FILE).is_file():
         pytest.skip("../shared/data/wikitext2/wiki.test.raw is not next to this checkout")
     monkeypatch.delenv("KVMERGE_DATA", raising=False)
-    monkeypatch.chdir(REPO)
+    monkeypatch.chdir(tmp_path)  # the working directory plays no part
     text = load_text("wikitext2")
     # the shared copy has CRLF line ends (SOURCES.md: 1,290,547 bytes, 2,891 lines): read as plain newlines
     assert len(text.encode()) == 1_290_547 - 2_891
@@ -167,25 +170,45 @@ def test_wikitext2_from_env_and_from_data_dir(monkeypatch, tmp_path):
     assert load_text("wikitext2", data_dir=tmp_path) == " = Title = \n words \n"
 
 
-def test_wikitext2_missing_says_where_it_looked(monkeypatch, tmp_path):
-    monkeypatch.setitem(sys.modules, "datasets", None)  # no download fallback
-    with pytest.raises(FileNotFoundError, match=r"looked at .*wiki\.test\.raw.*--data-dir"):
+def test_missing_data_is_one_line_naming_the_variable_and_never_the_hub(monkeypatch, tmp_path):
+    monkeypatch.setitem(sys.modules, "datasets", None)  # any attempt to download would fail differently
+    with pytest.raises(FileNotFoundError, match=r"wiki\.test\.raw not found in the data folder"):
         load_text("wikitext2", data_dir=tmp_path)
-    monkeypatch.delenv("KVMERGE_DATA", raising=False)
-    monkeypatch.chdir(tmp_path)  # no ../shared/data from here
-    with pytest.raises(FileNotFoundError, match="KVMERGE_DATA is unset"):
+    monkeypatch.setenv("KVMERGE_DATA", str(tmp_path / "nowhere"))
+    with pytest.raises(FileNotFoundError, match=r"nowhere \(\$KVMERGE_DATA\) is not a folder; set KVMERGE_DATA"):
         load_text("wikitext2")
+    monkeypatch.delenv("KVMERGE_DATA")
+    monkeypatch.setattr(data, "CHECKOUT_DATA", tmp_path / "not-a-checkout")
+    for read in (lambda: load_text("wikitext2"), lambda: local.data_dir()):
+        with pytest.raises(
+            FileNotFoundError, match=r"KVMERGE_DATA is unset and .*not-a-checkout does not exist"
+        ) as info:
+            read()
+        assert "\n" not in str(info.value)
 
 
-def test_wikitext2_falls_back_to_datasets(monkeypatch, tmp_path):
+def test_wikitext2_from_the_hub_only_by_its_public_name(monkeypatch):
     class FakeDatasets:
         @staticmethod
         def load_dataset(name, config, split):
-            assert (name, config, split) == ("wikitext", "wikitext-2-raw-v1", "test")
+            assert (name, config, split) == ("Salesforce/wikitext", "wikitext-2-raw-v1", "test")
             return {"text": ["", " = A = \n", " b \n"]}
 
     monkeypatch.setitem(sys.modules, "datasets", FakeDatasets)
-    assert load_text("wikitext2", data_dir=tmp_path) == " = A = \n b \n"
+    monkeypatch.setattr(kvmerge.models, "require_hub", lambda what: None)
+    assert load_text("Salesforce/wikitext") == " = A = \n b \n"
+
+
+def test_offline_hub_fails_at_once(monkeypatch):
+    from huggingface_hub import constants
+
+    monkeypatch.setattr(constants, "HF_HUB_OFFLINE", True)
+    started = time.perf_counter()
+    with pytest.raises(OSError, match="HF_HUB_OFFLINE is set"):
+        load_text("Salesforce/wikitext")
+    with pytest.raises(OSError, match="'owner/no-such-model' is not in the local Hugging Face cache"):
+        kvmerge.load_model("owner/no-such-model")
+    assert time.perf_counter() - started < 5
 
 
 def test_text_files_and_unknown_sources(tmp_path, monkeypatch):

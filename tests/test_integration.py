@@ -34,8 +34,8 @@ def test_default_model_is_smollm2_with_gqa(smollm2):
 def test_full_matches_dynamic_cache_bit_for_bit(model_and_ids):
     model, ids = model_and_ids
     with torch.no_grad():
-        reference = model(ids, past_key_values=DynamicCache(config=model.config)).logits
-        ours = model(ids, past_key_values=kvmerge.make_cache(model, "full")).logits
+        reference = model(ids, **kvmerge.with_cache(model, DynamicCache(config=model.config))).logits
+        ours = model(ids, **kvmerge.with_cache(model, kvmerge.make_cache(model, "full"))).logits
     assert torch.equal(reference, ours)
 
 
@@ -44,7 +44,9 @@ def test_budget_at_least_length_is_identity(model_and_ids, method):
     model, ids = model_and_ids
     with torch.no_grad():
         reference = model(ids).logits
-        ours = model(ids, past_key_values=kvmerge.make_cache(model, method, budget=ids.shape[1], chunk_size=8)).logits
+        ours = model(
+            ids, **kvmerge.with_cache(model, kvmerge.make_cache(model, method, budget=ids.shape[1], chunk_size=8))
+        ).logits
     torch.testing.assert_close(ours, reference, atol=1e-4, rtol=1e-4)
 
 
@@ -53,7 +55,9 @@ def test_eviction_equals_masked_full_attention(monkeypatch, model_and_ids, metho
     model, ids = model_and_ids
     log = record_evictions(monkeypatch)
     with torch.no_grad():
-        ours = model(ids, past_key_values=kvmerge.make_cache(model, method, budget=16, chunk_size=1)).logits
+        ours = model(
+            ids, **kvmerge.with_cache(model, kvmerge.make_cache(model, method, budget=16, chunk_size=1))
+        ).logits
     reference = masked_reference(model, ids, log)
     torch.testing.assert_close(ours, reference, atol=2e-4, rtol=1e-4)
 
@@ -64,7 +68,7 @@ def test_generate_in_a_fifth_of_the_memory(smollm2):
     ids = tokenizer.apply_chat_template(messages, add_generation_prompt=True, return_tensors="pt", return_dict=True)
     ids = ids["input_ids"]
     cache = kvmerge.make_cache(model, "h2o+cam", budget=0.2, chunk_size=8)
-    out = model.generate(ids, past_key_values=cache, max_new_tokens=24, do_sample=False)
+    out = model.generate(ids, **kvmerge.with_cache(model, cache), max_new_tokens=24, do_sample=False)
     text = tokenizer.decode(out[0, ids.shape[1] :], skip_special_tokens=True)
     assert len(text.split()) >= 5
     budget = -(-ids.shape[1] // 5)
@@ -80,7 +84,7 @@ def test_left_padded_batch_equals_alone(smollm2):
     with torch.no_grad():
         batched = model.generate(
             **batch,
-            past_key_values=cache,
+            **kvmerge.with_cache(model, cache),
             max_new_tokens=6,
             do_sample=False,
             output_logits=True,
@@ -90,7 +94,7 @@ def test_left_padded_batch_equals_alone(smollm2):
             ids = tokenizer(prompt, return_tensors="pt").input_ids
             alone = model.generate(
                 ids,
-                past_key_values=kvmerge.make_cache(model, "h2o+cam", budget=12, chunk_size=4),
+                **kvmerge.with_cache(model, kvmerge.make_cache(model, "h2o+cam", budget=12, chunk_size=4)),
                 max_new_tokens=6,
                 do_sample=False,
                 output_logits=True,

@@ -63,7 +63,9 @@ def test_less_without_eviction_is_the_full_cache(random_kernels):
     model = tiny_model("llama", layers=3)
     ids = torch.randint(0, VOCAB, (1, 20), generator=torch.Generator().manual_seed(1))
     with torch.no_grad():
-        ours = model(ids, past_key_values=kvmerge.make_cache(model, "h2o+less", 20, kernels=random_kernels)).logits
+        ours = model(
+            ids, **kvmerge.with_cache(model, kvmerge.make_cache(model, "h2o+less", 20, kernels=random_kernels))
+        ).logits
         torch.testing.assert_close(ours, model(ids).logits, atol=1e-5, rtol=1e-5)
 
 

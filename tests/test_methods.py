@@ -48,7 +48,7 @@ def test_streaming_keeps_sinks_and_most_recent(llama):
     ids = torch.randint(0, VOCAB, (1, 50), generator=torch.Generator().manual_seed(0))
     cache = kvmerge.make_cache(llama, "streaming", budget=12, chunk_size=1)
     with torch.no_grad():
-        llama(ids, past_key_values=cache)
+        llama(ids, **kvmerge.with_cache(llama, cache))
     expected = [0, 1, 2, 3, *range(42, 50)]
     for layer in cache.layers:
         assert layer.keys.shape[-2] == 12  # real eviction: the tensors shrank

@@ -22,7 +22,7 @@ def identity_options(method: str) -> dict:
 
 def full_logits(model, ids: torch.Tensor) -> torch.Tensor:
     with torch.no_grad():
-        return model(ids, past_key_values=DynamicCache(config=model.config)).logits
+        return model(ids, **kvmerge.with_cache(model, DynamicCache(config=model.config))).logits
 
 
 @pytest.mark.parametrize("family", FAMILIES)
@@ -33,13 +33,18 @@ def test_full_is_dynamic_cache_bit_for_bit(family):
         ids,
         max_new_tokens=6,
         do_sample=False,
-        past_key_values=DynamicCache(config=model.config),
+        **kvmerge.with_cache(model, DynamicCache(config=model.config)),
         output_logits=True,
         return_dict_in_generate=True,
     )
     cache = kvmerge.make_cache(model, "full")
     ours = model.generate(
-        ids, max_new_tokens=6, do_sample=False, past_key_values=cache, output_logits=True, return_dict_in_generate=True
+        ids,
+        max_new_tokens=6,
+        do_sample=False,
+        **kvmerge.with_cache(model, cache),
+        output_logits=True,
+        return_dict_in_generate=True,
     )
     assert torch.equal(reference.sequences, ours.sequences)
     for a, b in zip(reference.logits, ours.logits, strict=True):
@@ -53,7 +58,7 @@ def test_budget_at_least_length_gives_full_logits(family, method):
     ids = torch.randint(0, VOCAB, (1, 20), generator=torch.Generator().manual_seed(2))
     with torch.no_grad():
         ours = model(
-            ids, past_key_values=kvmerge.make_cache(model, method, budget=20, **identity_options(method))
+            ids, **kvmerge.with_cache(model, kvmerge.make_cache(model, method, budget=20, **identity_options(method)))
         ).logits
     torch.testing.assert_close(ours, full_logits(model, ids), atol=1e-5, rtol=1e-5)
 
@@ -131,8 +136,8 @@ def test_eviction_equals_full_attention_under_mask(monkeypatch, family, method):
     log = record_evictions(monkeypatch)
     cache = kvmerge.make_cache(model, method, budget=12, chunk_size=1)
     with torch.no_grad():  # a prompt call, then decoding calls: positions must stay true across calls
-        ours = [model(ids[:, :25], past_key_values=cache).logits]
-        ours += [model(ids[:, t : t + 1], past_key_values=cache).logits for t in range(25, 40)]
+        ours = [model(ids[:, :25], **kvmerge.with_cache(model, cache)).logits]
+        ours += [model(ids[:, t : t + 1], **kvmerge.with_cache(model, cache)).logits for t in range(25, 40)]
     ours = torch.cat(ours, dim=1)
     assert sum(len(v) for v in log.values()) > 0
     layer = cache.layers[0]  # decoding compressed all layers at once, where it evicts one entry in place
@@ -148,7 +153,9 @@ def test_eviction_equals_full_attention_under_mask(monkeypatch, family, method):
 def test_one_call_in_steps_equals_feeding_steps_one_by_one(llama, method, chunk):
     ids = torch.randint(0, VOCAB, (1, 30), generator=torch.Generator().manual_seed(4))
     with torch.no_grad():
-        whole = llama(ids, past_key_values=kvmerge.make_cache(llama, method, budget=10, chunk_size=chunk)).logits
+        whole = llama(
+            ids, **kvmerge.with_cache(llama, kvmerge.make_cache(llama, method, budget=10, chunk_size=chunk))
+        ).logits
         cache = kvmerge.make_cache(llama, method, budget=10, chunk_size=chunk)
-        parts = [llama(ids[:, s : s + chunk], past_key_values=cache).logits for s in range(0, 30, chunk)]
+        parts = [llama(ids[:, s : s + chunk], **kvmerge.with_cache(llama, cache)).logits for s in range(0, 30, chunk)]
     torch.testing.assert_close(whole, torch.cat(parts, dim=1), atol=1e-5, rtol=1e-5)

@@ -6,6 +6,7 @@ from transformers import PreTrainedModel
 
 from kvmerge import attention
 from kvmerge.cache import KVMergeCache
+from kvmerge.compat import with_cache
 from kvmerge.config import CompressionConfig
 from kvmerge.models import check_model, load_model
 from kvmerge.positions import KeyRotation
@@ -19,6 +20,7 @@ __all__ = [
     "make_cache",
     "make_method",
     "method_names",
+    "with_cache",
 ]
 __version__ = "0.1.0"
 

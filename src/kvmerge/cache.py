@@ -116,6 +116,11 @@ class KVMergeLayer(CacheLayerMixin):
                 "kvmerge cache: the model's attention did not go through kvmerge. Create the cache with "
                 "kvmerge.make_cache(model, ...), which switches the model to the 'kvmerge' attention implementation."
             )
+        if self.is_initialized and key_states.shape[0] != self.keys.shape[0]:
+            raise ValueError(
+                f"kvmerge cache holds a batch of {self.keys.shape[0]} sequences, this call has {key_states.shape[0]}: "
+                "call cache.reset() (or make a new cache) for a new batch"
+            )
         if not self.is_initialized:
             self.lazy_initialization(key_states, value_states)
         self._pending = (key_states, value_states)
@@ -174,6 +179,8 @@ class KVMergeLayer(CacheLayerMixin):
         new_keys, new_values = self._pending
         self._pending = None
         length = new_keys.shape[-2]
+        if length > 1 and self.seen > 0:
+            self._check_continues(kwargs.get("position_ids"))
         if attention_mask is None:
             valid = self._true(query.shape[0], length)
         else:
@@ -205,14 +212,23 @@ class KVMergeLayer(CacheLayerMixin):
             self.stack.attended(self, deferred)
         return outputs[0] if len(outputs) == 1 else torch.cat(outputs, dim=1)
 
+    def _check_continues(self, position_ids: torch.Tensor | None) -> None:
+        """Refuse a call whose tokens ``position_ids`` ``[batch, q]`` end before what the cache holds:
+        a new prompt on a cache still holding an earlier one (generate reuses positions from 0)."""
+        if position_ids is not None and int(position_ids[:, -1].max()) < int(self.valid_seen.min()):
+            raise ValueError(
+                f"kvmerge cache holds {self.seen} tokens of an earlier sequence and this call starts over at "
+                f"position {int(position_ids[:, 0].min())}: call cache.reset() (or make a new cache) for a new prompt"
+            )
+
     def set_budgets(self, prompt_lengths: torch.Tensor) -> None:
         """Fix each sequence's budget and protected windows from its prompt length ``[batch]``."""
-        selector = self.method.selector
-        self.budgets = self.method.config.budgets_for(prompt_lengths.to(self.device))
+        selector, config = self.method.selector, self.method.config
+        minimum = config.minimum_budget(selector.default_sink, selector.default_recent)
+        warn = self.layer_idx == 0  # once per cache
+        self.budgets = config.budgets_for(prompt_lengths.to(self.device), minimum, warn=warn)
         self.budget_max, self.budget_min = int(self.budgets.max()), int(self.budgets.min())
-        self.sink, self.recent = self.method.config.windows_for(
-            self.budgets, selector.default_sink, selector.default_recent
-        )
+        self.sink, self.recent = config.windows_for(self.budgets, selector.default_sink, selector.default_recent)
 
     def compress(self) -> None:
         """Shrink every sequence to its budget: protected windows first, then by the selector's scores."""

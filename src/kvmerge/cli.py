@@ -15,6 +15,7 @@ import torch
 import transformers
 
 import kvmerge
+from kvmerge.compat import with_cache
 
 EPILOG_METHODS = """examples:
   kvmerge methods
@@ -59,6 +60,19 @@ EPILOG_DEMO = """examples:
 Runs full, streaming, streaming+cam, h2o, h2o+cam, tova, scissorhands, corm (adaptive size),
 knorm and random (baselines) token by token on the first --tokens
 tokens of the Paul Graham essays and writes <out>/results.json and <out>/ppl_memory.png.
+"""
+
+
+EPILOG_MAIN = """examples:
+  kvmerge methods                                             # every method string, with its options
+  kvmerge generate --method h2o+cam --budget 48 "Write a haiku about the sea."
+  kvmerge ppl --method streaming+cam --budget 0.2 --tokens 512
+  kvmerge demo                                                # perplexity and KV memory of 10 methods
+  kvmerge eval qa --methods full,h2o,h2o+cam --budgets 0.2 --limit 40
+  kvmerge bench --contexts 512,2048 --batches 1
+
+Data: $KVMERGE_DATA (else ../shared/data beside the checkout); converted models: $KVMERGE_CACHE
+(else ~/.cache/kvmerge). Run 'kvmerge COMMAND --help' for each command's options and examples.
 """
 
 
@@ -109,15 +123,10 @@ def _check_method(method: str, budget: int | float | None, **options) -> None:
 
 
 def _model_name(name: str) -> str:
-    """``name`` for :func:`kvmerge.load_model` (``~`` expanded); a clear error for a missing local path."""
-    if not (name.startswith(("/", ".", "~")) or name.count("/") > 1):  # "default" or a hub id owner/name
-        return name
-    path = Path(name).expanduser()
-    if not path.exists():
-        raise FileNotFoundError(
-            f"no model at {name!r}: give 'default', an existing local path or a hub id (owner/name)"
-        )
-    return str(path)
+    """``name`` for :func:`kvmerge.load_model`, checked first (:func:`kvmerge.models.model_source`)."""
+    from kvmerge.models import model_source
+
+    return model_source(name)
 
 
 def _cmd_methods(args: argparse.Namespace) -> int:
@@ -136,6 +145,8 @@ def _cmd_generate(args: argparse.Namespace) -> int:
     from transformers import TextStreamer
 
     options = {"seed": args.seed} | ({"chunk_size": args.chunk} if args.chunk else {})
+    if not args.prompt.strip():
+        raise UsageError('the prompt is empty: give the text to answer or continue, e.g. "Tell me a story."')
     with _user_errors():
         _check_method(args.method, args.budget, **options)
         model, tokenizer = kvmerge.load_model(_model_name(args.model))
@@ -151,7 +162,7 @@ def _cmd_generate(args: argparse.Namespace) -> int:
     with torch.inference_mode():
         output = model.generate(
             **inputs.to(model.device),
-            past_key_values=cache,
+            **with_cache(model, cache),
             max_new_tokens=args.max_new_tokens,
             do_sample=False,
             streamer=streamer,
@@ -189,12 +200,14 @@ def _cmd_ppl(args: argparse.Namespace) -> int:
 def _cmd_demo(args: argparse.Namespace) -> int:
     from kvmerge.eval.demo import prepare_demo
     from kvmerge.eval.report import results_table
+    from kvmerge.eval.results import claim_out_dir
 
     with _user_errors():
         methods = args.methods.split(",")
         for method in methods:
             _check_method(method, None if method == "full" else args.budget)
         model = _model_name(args.model)
+        claim_out_dir(args.out, args.force)
         demo = prepare_demo(
             args.out, tokens=args.tokens, budget=args.budget, model=model, methods=methods, seed=args.seed
         )
@@ -209,7 +222,7 @@ def _cmd_demo(args: argparse.Namespace) -> int:
 
 
 def _cmd_train_less(args: argparse.Namespace) -> int:
-    from kvmerge.eval.results import line_plot
+    from kvmerge.eval.results import claim_out_dir, line_plot
     from kvmerge.models import cache_dir
     from kvmerge.training import less_training_text, train_less
 
@@ -219,8 +232,9 @@ def _cmd_train_less(args: argparse.Namespace) -> int:
         _check_method(args.method, args.budget)
         text = less_training_text(args.data_dir)
         name = _model_name(args.model)
+        directory = args.out or cache_dir() / "less" / f"{Path(name).name}-{args.method}-{args.budget}"
+        claim_out_dir(directory, args.force)
         model, tokenizer = kvmerge.load_model(name)
-    directory = args.out or cache_dir() / "less" / f"{Path(name).name}-{args.method}-{args.budget}"
     needed = args.sequences * args.tokens
     ids = tokenizer(text[: 16 * needed], return_tensors="pt").input_ids[0]  # 16 characters a token is ample
     with _user_errors():
@@ -264,14 +278,15 @@ def build_parser() -> argparse.ArgumentParser:
     """The ``kvmerge`` argument parser."""
     from kvmerge.eval.bench import add_bench_command
     from kvmerge.eval.commands import add_eval_commands
-    from kvmerge.eval.data import SOURCES
+    from kvmerge.eval.data import DATA_DIR_HELP, SOURCES
     from kvmerge.eval.demo import DEMO_METHODS
 
     formatter = argparse.RawDescriptionHelpFormatter
     parser = _Parser(
         prog="kvmerge",
         description="Bound the KV cache of a transformers causal LM by evicting and merging entries (CaM).",
-        epilog="Run 'kvmerge COMMAND --help' for each command's options and examples.",
+        epilog=EPILOG_MAIN,
+        formatter_class=formatter,
     )
     parser.add_argument("--version", action="version", version=f"kvmerge {kvmerge.__version__}")
     commands = parser.add_subparsers(dest="command", metavar="COMMAND", required=True)
@@ -319,7 +334,7 @@ def build_parser() -> argparse.ArgumentParser:
     sub.add_argument(
         "--data-dir",
         type=Path,
-        help="directory holding wikitext2/wiki.test.raw (default $KVMERGE_DATA, ../shared/data)",
+        help=DATA_DIR_HELP,
     )
     sub.add_argument("--tokens", type=positive_int, default=1024, help="tokens fed, BOS included (default 1024)")
     sub.add_argument("--json", action="store_true", help="print one JSON object instead of a table")
@@ -331,6 +346,7 @@ def build_parser() -> argparse.ArgumentParser:
     sub.add_argument("--tokens", type=positive_int, default=800, help="tokens fed one by one (default 800)")
     sub.add_argument("--budget", type=parse_budget, default=0.2, help="budget of every method but full (default 0.2)")
     sub.add_argument("--out", type=Path, default=Path("runs") / "demo", help="output directory (default runs/demo)")
+    sub.add_argument("--force", action="store_true", help="overwrite the results already in --out")
     sub.add_argument("--model", default="default", help="'default' (SmolLM2-135M-Instruct), a local path or hub id")
     sub.add_argument(
         "--methods", default=",".join(DEMO_METHODS), help=f"comma-separated (default {','.join(DEMO_METHODS)})"
@@ -345,11 +361,12 @@ def build_parser() -> argparse.ArgumentParser:
     sub.add_argument("--budget", type=parse_budget, required=True, help="the selector's budget (int or fraction)")
     sub.add_argument("--model", default="default", help="'default' (SmolLM2-135M-Instruct), a local path or hub id")
     sub.add_argument("--out", type=Path, help="kernel directory (default ~/.cache/kvmerge/less/MODEL-METHOD-BUDGET)")
+    sub.add_argument("--force", action="store_true", help="overwrite kernels already in the kernel directory")
     sub.add_argument("--sequences", type=positive_int, default=8, help="training windows (default 8)")
     sub.add_argument("--tokens", type=positive_int, default=512, help="tokens per window (default 512)")
     sub.add_argument("--steps", type=positive_int, default=150, help="Adam steps per layer (default 150)")
     sub.add_argument("--seed", type=int, default=0, help="seed of the kernels' initialisation (default 0)")
-    sub.add_argument("--data-dir", type=Path, help="data folder (default $KVMERGE_DATA or ../shared/data)")
+    sub.add_argument("--data-dir", type=Path, help=DATA_DIR_HELP)
     sub.add_argument("--no-progress", action="store_true", help="no progress bars on stderr")
     sub.add_argument("--threads", type=positive_int, default=2, help="torch CPU threads (default 2)")
     sub.set_defaults(func=_cmd_train_less)
@@ -358,7 +375,7 @@ def build_parser() -> argparse.ArgumentParser:
     sub.add_argument("--target", type=float, required=True, help="fraction of entries merging alone keeps, (0, 1)")
     sub.add_argument("--model", default="default", help="'default' (SmolLM2-135M-Instruct), a local path or hub id")
     sub.add_argument("--tokens", type=positive_int, default=1024, help="tokens of held-out text (default 1024)")
-    sub.add_argument("--data-dir", type=Path, help="data folder (default $KVMERGE_DATA or ../shared/data)")
+    sub.add_argument("--data-dir", type=Path, help=DATA_DIR_HELP)
     threads_option(sub)
     sub.set_defaults(func=_cmd_calibrate)
 

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import math
+import warnings
 from dataclasses import dataclass
 from typing import Literal
 
@@ -10,6 +11,7 @@ import torch
 
 Schedule = Literal["step", "prefill"]
 UNBOUNDED = 1 << 40  # the budget of an adaptive method without a cap
+FEW_ENTRIES = 32  # a fraction budget that keeps fewer entries than this per head gets a warning
 GroupAggregation = Literal["mean", "max", "sum"]
 
 
@@ -21,8 +23,9 @@ class CompressionConfig:
     ----------
     budget:
         Entries kept per KV head: an ``int`` token count, or a ``float`` in (0, 1] read as a
-        fraction of the first forward call's (the prompt's) length, per sequence. ``None`` only
-        for the ``full`` method.
+        fraction of the first forward call's (the prompt's) length, per sequence (a string such as
+        ``"256"``, ``"0.2"`` or ``"20%"`` is read by :func:`parse_budget`). ``None`` only for the
+        ``full`` method.
     sink:
         First tokens of each sequence that are never evicted. ``None``: the selector's default.
     recent:
@@ -62,6 +65,7 @@ class CompressionConfig:
     seed: int = 0
 
     def __post_init__(self) -> None:
+        object.__setattr__(self, "budget", parse_budget(self.budget))
         _check_budget(self.budget)
         _check_int("chunk_size", self.chunk_size, minimum=1)
         _check_int("merge_window", self.merge_window, minimum=1)
@@ -89,11 +93,40 @@ class CompressionConfig:
         if fixed and self.sink + self.recent > self.budget:
             raise ValueError(f"sink + recent = {self.sink} + {self.recent} exceeds the budget of {self.budget} entries")
 
-    def budgets_for(self, prompt_lengths: torch.Tensor) -> torch.Tensor:
-        """Entries kept per sequence, ``[batch]`` long, once the prompt lengths ``[batch]`` are known."""
-        if isinstance(self.budget, float):
-            return (prompt_lengths.double() * self.budget).ceil().long().clamp(min=1)
-        return torch.full_like(prompt_lengths, UNBOUNDED if self.budget is None else int(self.budget))
+    def budgets_for(self, prompt_lengths: torch.Tensor, minimum: int = 1, warn: bool = True) -> torch.Tensor:
+        """Entries kept per sequence, ``[batch]`` long, once the prompt lengths ``[batch]`` are known.
+
+        A fraction that resolves below ``minimum`` (what the protected windows need) is raised to it,
+        with a warning (``warn``); a fraction that keeps fewer than :data:`FEW_ENTRIES` entries warns too."""
+        if not isinstance(self.budget, float):
+            return torch.full_like(prompt_lengths, UNBOUNDED if self.budget is None else int(self.budget))
+        budgets = (prompt_lengths.double() * self.budget).ceil().long().clamp(min=1)
+        fewest = int(budgets.min())
+        # one message per budget (Python shows each once), however many prompt lengths a run meets
+        if warn and fewest < minimum:
+            shorter = math.ceil(minimum / self.budget)
+            warnings.warn(
+                f"budget {self.budget:g} of a prompt under {shorter} tokens is fewer than the {minimum} entries the "
+                f"protected windows (sink/recent) need: raised to {minimum}; pass an int budget to choose",
+                UserWarning,
+                stacklevel=2,
+            )
+        elif warn and fewest < FEW_ENTRIES:
+            shorter = math.ceil(FEW_ENTRIES / self.budget)
+            warnings.warn(
+                f"budget {self.budget:g} of a prompt under {shorter} tokens keeps fewer than {FEW_ENTRIES} entries "
+                "per head: output quality may collapse; for a short prompt pass an int budget (e.g. 48 entries)",
+                UserWarning,
+                stacklevel=2,
+            )
+        return budgets.clamp(min=minimum)
+
+    def minimum_budget(self, default_sink: int, default_recent: float | int) -> int:
+        """The fewest entries a sequence's protected windows need (at least 1): the sinks, plus an
+        explicit int ``recent`` (a selector's default window and a fraction shrink to fit)."""
+        sink = default_sink if self.sink is None else self.sink
+        recent = self.recent if isinstance(self.recent, int) else 0
+        return max(1, sink + recent)
 
     def windows_for(
         self, budgets: torch.Tensor, default_sink: int, default_recent: float | int
@@ -108,11 +141,29 @@ class CompressionConfig:
         else:
             recent_sizes = torch.full_like(budgets, recent)
         if bool(((sink + recent_sizes) > budgets).any()):
+            needed = self.minimum_budget(default_sink, default_recent)
             raise ValueError(
-                f"sink + recent ({sink} + {recent_sizes.max().item()}) exceeds a sequence's budget of "
-                f"{budgets.min().item()} entries; lower sink/recent or raise the budget"
+                f"the protected windows (sink {sink} + recent {recent_sizes.max().item()}) need {needed} entries, "
+                f"more than the budget of {budgets.min().item()}: raise the budget to at least {needed} "
+                "or lower sink/recent"
             )
         return sink, recent_sizes
+
+
+def parse_budget(budget: int | float | str | None) -> int | float | None:
+    """A budget as :class:`CompressionConfig` takes it: ``"256"`` -> 256 entries per KV head,
+    ``"0.2"`` or ``"20%"`` -> the fraction 0.2; ints, floats and ``None`` pass unchanged."""
+    if not isinstance(budget, str):
+        return budget
+    text = budget.strip()
+    try:
+        if text.endswith("%"):
+            return float(text[:-1]) / 100
+        return int(text) if text.lstrip("+-").isdigit() else float(text)
+    except ValueError:
+        raise ValueError(
+            f"invalid budget {budget!r}: give entries per KV head (e.g. 256) or a fraction (e.g. 0.2 or 20%)"
+        ) from None
 
 
 def _check_budget(budget: object) -> None:

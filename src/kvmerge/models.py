@@ -4,6 +4,8 @@ from __future__ import annotations
 
 import importlib.util
 import os
+import socket
+import urllib.parse
 from pathlib import Path
 
 import torch
@@ -45,23 +47,72 @@ def default_model_path() -> Path:
     return target
 
 
+def model_source(name: str) -> str:
+    """Where :func:`load_model` reads ``name`` from, checked without loading anything: the converted
+    default model's folder, an existing local path (``~`` expanded) or a Hub id (``gpt2``,
+    ``owner/name``) as given. A path-like name that does not exist is a :class:`FileNotFoundError`."""
+    if name == DEFAULT_MODEL:
+        return name
+    path = Path(name).expanduser()
+    if path.exists():
+        return str(path)
+    if name.startswith(("/", ".", "~")) or name.count("/") > 1:
+        raise FileNotFoundError(
+            f"no model at {name!r}: give 'default', an existing local path or a Hub id (gpt2, owner/name)"
+        )
+    return name
+
+
 def load_model(
     name: str = DEFAULT_MODEL, dtype: torch.dtype = torch.float32, **kwargs
 ) -> tuple[PreTrainedModel, PreTrainedTokenizerBase]:
-    """Load a causal LM and its tokenizer: ``"default"`` (SmolLM2-135M-Instruct), a local path or a hub id.
+    """Load a causal LM and its tokenizer: ``"default"`` (SmolLM2-135M-Instruct), a local path or a Hub id.
 
-    Extra keyword arguments (``device_map``, ...) go to ``from_pretrained``.
+    A Hub id is read from the local Hugging Face cache when it is there; otherwise it is downloaded,
+    unless ``HF_HUB_OFFLINE`` is set or the Hub cannot be reached, which fail at once with one line
+    (no minute of retries). Extra keyword arguments (``device_map``, ...) go to ``from_pretrained``.
     """
-    path = default_model_path() if name == DEFAULT_MODEL else name
-    if name != DEFAULT_MODEL and "/" not in name and not Path(name).exists():
-        raise FileNotFoundError(f"model {name!r} is neither 'default', an existing path nor a hub id (owner/name)")
-    tokenizer = AutoTokenizer.from_pretrained(path)
+    source = model_source(name)
+    if source == DEFAULT_MODEL:
+        source = str(default_model_path())
+    elif not Path(source).exists():
+        kwargs = {**kwargs, "local_files_only": _hub_cached(source)}
+    tokenizer = AutoTokenizer.from_pretrained(source, local_files_only=kwargs.get("local_files_only", False))
     if tokenizer.pad_token is None:
         tokenizer.pad_token = tokenizer.eos_token
     tokenizer.padding_side = "left"
-    model = AutoModelForCausalLM.from_pretrained(path, dtype=dtype, **kwargs)
+    model = AutoModelForCausalLM.from_pretrained(source, dtype=dtype, **kwargs)
     model.eval()
     return model, tokenizer
+
+
+def _hub_cached(name: str) -> bool:
+    """Whether Hub id ``name`` is in the local cache (so no network is needed); else
+    :func:`require_hub` first."""
+    from huggingface_hub import try_to_load_from_cache
+
+    if isinstance(try_to_load_from_cache(name, "config.json"), str):
+        return True
+    require_hub(f"model {name!r}")
+    return False
+
+
+def require_hub(what: str) -> None:
+    """Fail at once, with one line, when ``what`` must come from the Hugging Face Hub and cannot:
+    ``HF_HUB_OFFLINE`` is set, or the Hub's host does not answer within 3 s (instead of a minute of
+    retries inside huggingface_hub)."""
+    from huggingface_hub import constants
+
+    if constants.HF_HUB_OFFLINE:
+        raise OSError(f"{what} is not in the local Hugging Face cache and HF_HUB_OFFLINE is set")
+    host = urllib.parse.urlparse(constants.ENDPOINT).hostname or "huggingface.co"
+    try:
+        socket.create_connection((host, 443), timeout=3).close()
+    except OSError as error:
+        raise OSError(
+            f"{what} must come from the Hugging Face Hub, which cannot be reached ({host}: "
+            f"{error.strerror or error}); give a local path, or download it where there is a network"
+        ) from None
 
 
 def check_model(model: PreTrainedModel) -> None:

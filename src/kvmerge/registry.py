@@ -4,6 +4,8 @@ from __future__ import annotations
 
 import dataclasses
 
+import torch
+
 from kvmerge.absorbers.cam import CaM
 from kvmerge.absorbers.kvmerger import KVMerger
 from kvmerge.absorbers.less import LESS
@@ -107,6 +109,8 @@ def build_method(name: str, config: CompressionConfig, **options) -> Method:
         raise ValueError(f"{name!r}: the {selector_name} selector never evicts, so there is nothing to {absorber_name}")
     if selector_cls.compresses and config.budget is None and not selector_cls.adaptive:
         raise ValueError(f"method {name!r} needs a budget: an int (tokens per head) or a float fraction in (0, 1]")
+    if not selector_cls.compresses and config.budget is not None:
+        raise ValueError(f"method {name!r} keeps every entry and takes no budget (got {config.budget!r})")
     for part, cls in ((selector_name, selector_cls), (absorber_name, absorber_cls)):
         if cls and cls.schedule and config.schedule != cls.schedule:
             raise ValueError(f"{part} works at prefill: pass schedule={cls.schedule!r} (got {config.schedule!r})")
@@ -119,6 +123,8 @@ def build_method(name: str, config: CompressionConfig, **options) -> Method:
         )
     selector = selector_cls(**{k: v for k, v in options.items() if k in own[selector_cls]})
     absorber = absorber_cls(**{k: v for k, v in options.items() if k in own[absorber_cls]}) if absorber_cls else None
+    if selector.compresses and isinstance(config.budget, int):  # windows that cannot fit: say so now
+        config.windows_for(torch.tensor([config.budget]), selector.default_sink, selector.default_recent)
     return Method(selector, absorber, config)
 
 

@@ -24,6 +24,7 @@ from transformers.integrations.sdpa_attention import sdpa_attention_forward
 
 import kvmerge
 from kvmerge.absorbers.less import LessKernels, pair_logits, save_kernels
+from kvmerge.compat import with_cache
 
 
 @dataclass
@@ -127,7 +128,7 @@ def train_less(
         teacher.append(capture_layers(model, window.unsqueeze(0)))
         cache = kvmerge.make_cache(model, method, budget, chunk_size=1, record_evictions=True, **options)
         with torch.inference_mode():
-            model(window.unsqueeze(0), past_key_values=cache)
+            model(window.unsqueeze(0), **with_cache(model, cache))
         timelines.append([layer.evicted_at[0].clone() for layer in cache.layers])
     attention_modules = sorted(
         (m for m in model.modules() if hasattr(m, "o_proj") and hasattr(m, "layer_idx")), key=lambda m: m.layer_idx
@@ -202,7 +203,7 @@ def attention_output_errors(model: PreTrainedModel, ids: torch.Tensor, cache: kv
     try:
         with torch.inference_mode():
             model(ids)
-            model(ids, past_key_values=cache)
+            model(ids, **with_cache(model, cache))
     finally:
         for hook in hooks:
             hook.remove()

@@ -52,7 +52,7 @@ class MergeLog:
     """Counts CaM's merges per layer while active, for diagnostics (``kvmerge eval perturbation``)::
 
         with MergeLog() as log:
-            model(ids, past_key_values=kvmerge.make_cache(model, "h2o+cam", budget=64))
+            model(ids, **kvmerge.with_cache(model, kvmerge.make_cache(model, "h2o+cam", budget=64)))
         log.summary()  # {layer: {"evictions", "merges", "compressions", "pass_rate", "merges_per_step"}}
 
     ``evictions`` counts evicted entries that had a target (per sequence and KV head), ``merges`` the

@@ -46,6 +46,7 @@ import torch
 
 from kvmerge.absorbers.cam import PAPER_RULE
 from kvmerge.cli import positive_int
+from kvmerge.compat import with_cache
 
 # Targets of issue 5 (ratios measured in one run): name -> (threshold, comparison).
 OVERHEAD_LIMIT = 1.10  # decode ms/token at any stream length <= 1.10 x full at context B
@@ -245,7 +246,9 @@ def measure_group(points: list[Point], report: Callable[[dict], None] | None = N
             baseline = _release_memory()
             started = time.perf_counter()
             for start in range(0, point.context, point.chunk):
-                logits = model(prompt[:, start : start + point.chunk], past_key_values=cache, logits_to_keep=1).logits
+                logits = model(
+                    prompt[:, start : start + point.chunk], **with_cache(model, cache), logits_to_keep=1
+                ).logits
             prefill_seconds = time.perf_counter() - started
             peak = _peak_rss()
             del prompt
@@ -267,7 +270,7 @@ def measure_group(points: list[Point], report: Callable[[dict], None] | None = N
         for _ in range(first.steps):
             for i, cache in enumerate(caches):
                 started = time.perf_counter()
-                logits = model(tokens[i], past_key_values=cache).logits
+                logits = model(tokens[i], **with_cache(model, cache)).logits
                 timings[i].append(time.perf_counter() - started)
                 tokens[i] = logits[:, -1:].argmax(-1)
         for point, cache, token, record, times in zip(points, caches, tokens, records, timings, strict=True):
@@ -291,9 +294,9 @@ def _warm_up(model, tokenizer, points: list[Point]) -> None:
     for method in dict.fromkeys(point.method for point in points):
         cache = _make_cache(model, method, chunk // 2, method_options(method, chunk))
         for start in range(0, prompt.shape[1], chunk):
-            logits = model(prompt[:, start : start + chunk], past_key_values=cache, logits_to_keep=1).logits
+            logits = model(prompt[:, start : start + chunk], **with_cache(model, cache), logits_to_keep=1).logits
         for _ in range(2):
-            logits = model(logits[:, -1:].argmax(-1), past_key_values=cache).logits
+            logits = model(logits[:, -1:].argmax(-1), **with_cache(model, cache)).logits
 
 
 def profile_decode(model, cache, token: torch.Tensor, steps: int = 4) -> dict:
@@ -306,12 +309,12 @@ def profile_decode(model, cache, token: torch.Tensor, steps: int = 4) -> dict:
 
     with profile(activities=[ProfilerActivity.CPU]) as prof:
         for _ in range(steps):
-            model(token, past_key_values=cache)
+            model(token, **with_cache(model, cache))
     ops = sorted(prof.key_averages(), key=lambda e: -e.self_cpu_time_total)[:12]
     python = cProfile.Profile()
     python.enable()
     for _ in range(steps):
-        model(token, past_key_values=cache)
+        model(token, **with_cache(model, cache))
     python.disable()
     functions = []
     for (filename, _line, name), row in pstats.Stats(python).stats.items():  # type: ignore[attr-defined]
@@ -359,7 +362,7 @@ def measure_stream(
         for start in range(0, tokens, segment):
             stop = min(start + segment, tokens)
             began = time.perf_counter()
-            logits = model(ids[:, start:stop], past_key_values=cache).logits
+            logits = model(ids[:, start:stop], **with_cache(model, cache)).logits
             elapsed = time.perf_counter() - began
             nll = torch.nn.functional.cross_entropy(logits[0].float(), ids[0, start + 1 : stop + 1])
             rows.append(
@@ -470,7 +473,8 @@ def _cache_position_kwarg(model):
 
     def add(module, args, kwargs):
         if "cache_position" not in kwargs:
-            cache, length = kwargs.get("past_key_values"), kwargs["hidden_states"].shape[1]
+            cache = kwargs.get("cache", kwargs.get("past_key_values"))  # its name by transformers version
+            length = kwargs["hidden_states"].shape[1]
             past = cache.get_seq_length(module.layer_idx) if cache is not None else 0
             kwargs["cache_position"] = torch.arange(past, past + length, device=kwargs["hidden_states"].device)
         return args, kwargs
@@ -506,14 +510,14 @@ def _run_scored(model, ids: torch.Tensor, context: int, cache, press) -> dict:
     with torch.inference_mode(), _cache_position_kwarg(model) if press is not None else contextlib.nullcontext():
         started = time.perf_counter()
         with prefill_press:
-            logits = model(ids[:, :context], past_key_values=cache, logits_to_keep=1).logits
+            logits = model(ids[:, :context], **with_cache(model, cache), logits_to_keep=1).logits
         prefill = time.perf_counter() - started
         with decode_press:
             for t in range(context, ids.shape[1] - 1):
                 nll.append(float(torch.nn.functional.cross_entropy(logits[:, -1].float(), ids[:, t])))
                 started = time.perf_counter()
                 position = None if isinstance(cache, kvmerge.KVMergeCache) else torch.tensor([[t]])
-                logits = model(ids[:, t : t + 1], past_key_values=cache, position_ids=position).logits
+                logits = model(ids[:, t : t + 1], **with_cache(model, cache), position_ids=position).logits
                 timings.append(time.perf_counter() - started)
     nll.append(float(torch.nn.functional.cross_entropy(logits[:, -1].float(), ids[:, -1])))
     kept = cache.layers[0].keys.shape[-2]
@@ -1096,6 +1100,7 @@ def add_bench_command(subparsers: argparse._SubParsersAction) -> argparse.Argume
     )
     parser.add_argument("--no-progress", action="store_true", help="no progress bars")
     parser.add_argument("--out", type=Path, default=Path("runs") / "bench", help="results folder (runs/bench)")
+    parser.add_argument("--force", action="store_true", help="overwrite the results already in --out")
     parser.set_defaults(func=lambda args: _run_command(args, parser))
     return parser
 
@@ -1173,10 +1178,16 @@ def config_from_args(args: argparse.Namespace, parser: argparse.ArgumentParser) 
 
 
 def _run_command(args: argparse.Namespace, parser: argparse.ArgumentParser) -> int:
+    from kvmerge.eval.results import claim_out_dir
+
     config = config_from_args(args, parser)
+    try:
+        claim_out_dir(args.out, args.force)
+    except FileExistsError as error:
+        parser.error(str(error))
     torch.set_num_threads(config.threads)
     if args.no_progress:
-        os.environ["TQDM_DISABLE"] = "1"
+        os.environ["TQDM_DISABLE"] = "1"  # for the child processes that measure each point
     started = time.perf_counter()
     path = run_bench(config, args.out, isolate=not args.in_process, progress=not args.no_progress)
     print((path.parent / "results.md").read_text())

@@ -6,9 +6,23 @@ import argparse
 import textwrap
 from pathlib import Path
 
+from kvmerge.eval.data import DATA_DIR_HELP
+
 PAPER_METHODS = "full,streaming,streaming+cam,h2o,h2o+cam"
 PAIRS = "streaming,streaming+cam,h2o,h2o+cam"
 TEACHER_FORCED = ("ppl", "qa", "perturbation")  # score whole texts in one forward call: step schedule only
+
+
+EVAL_EXAMPLES = """examples:
+  kvmerge eval ppl --methods full,h2o,h2o+cam --budgets 0.1,0.2 --limit 512
+  kvmerge eval qa --methods full,h2o,h2o+cam --budgets 0.2 --limit 40 --out runs/qa-40
+  kvmerge eval needle --methods full,streaming,h2o+cam --budgets 0.2 --lengths 256,512 --limit 3
+  kvmerge eval perturbation --methods h2o,h2o+cam --budgets 0.2 --no-progress
+  kvmerge report runs/eval-qa                     # re-render a results folder
+
+Each writes results.json, results.md and PNG plots into --out (refused if it holds results: --force).
+Run 'kvmerge eval BENCHMARK --help' for its options.
+"""
 
 
 def _methods(text: str) -> list[str]:
@@ -70,7 +84,7 @@ def _add_common(parser: argparse.ArgumentParser, methods: str, budgets: str, lim
         default=None,
         help="tokens per compression step (1 = token by token; default 1 for qa, ppl, perturbation, 16 otherwise)",
     )
-    parser.add_argument("--data-dir", default=None, help="data folder (default $KVMERGE_DATA or ../shared/data)")
+    parser.add_argument("--data-dir", default=None, help=DATA_DIR_HELP)
     parser.add_argument(
         "--option",
         dest="options",
@@ -92,6 +106,11 @@ def _subcommand(subparsers, name: str, summary: str, examples: str, out: str) ->
         formatter_class=argparse.RawDescriptionHelpFormatter,
     )
     parser.add_argument("--out", type=Path, default=Path("runs") / out, help=f"results folder (default runs/{out})")
+    parser.add_argument("--force", action="store_true", help="overwrite the results already in --out")
+    parser.add_argument("--no-progress", action="store_true", help="no progress bars on stderr")
+    parser.add_argument(
+        "--threads", type=int, default=1, help="torch CPU threads (default 1; more oversubscribe small steps)"
+    )
     return parser
 
 
@@ -101,7 +120,11 @@ def add_eval_commands(subparsers: argparse._SubParsersAction) -> None:
     Every leaf parser has a ``func(args) -> int`` default (the exit code).
     """
     evaluate = subparsers.add_parser(
-        "eval", help="benchmarks of the CaM paper", description="Run a benchmark; writes results.json/.md and plots."
+        "eval",
+        help="benchmarks of the CaM paper",
+        description="Run a benchmark; writes results.json/.md and plots into --out.",
+        epilog=EVAL_EXAMPLES,
+        formatter_class=argparse.RawDescriptionHelpFormatter,
     )
     benchmarks = evaluate.add_subparsers(dest="benchmark", metavar="BENCHMARK", required=True)
 
@@ -211,7 +234,7 @@ def _load(args: argparse.Namespace):
     import kvmerge
     from kvmerge.cli import UsageError, _model_name, _user_errors
     from kvmerge.eval.perplexity import require_step_schedule
-    from kvmerge.eval.results import run_grid
+    from kvmerge.eval.results import claim_out_dir, run_grid
     from kvmerge.registry import options_for
 
     args.options = dict(args.options)
@@ -226,6 +249,9 @@ def _load(args: argparse.Namespace):
                 require_step_schedule(built)
         if args.limit is not None and args.limit < 1:
             raise UsageError(f"--limit must be a positive count, got {args.limit}")
+        if args.threads < 1:
+            raise UsageError(f"--threads must be a positive count, got {args.threads}")
+        claim_out_dir(args.out, args.force)
         return kvmerge.load_model(_model_name(args.model))
 
 
@@ -246,6 +272,7 @@ def _run_ppl(args: argparse.Namespace) -> int:
     run_ppl_sweep(
         model, tok, args.dataset, args.methods, args.budgets, args.seeds, tokens=args.limit, chunk=_chunk(args),
         out_dir=args.out, data_dir=args.data_dir, model_name=args.model, options=args.options,
+        progress=not args.no_progress,
     )  # fmt: skip
     return _done(args.out)
 
@@ -259,7 +286,7 @@ def _run_qa(args: argparse.Namespace) -> int:
     run_qa(
         model, tok, args.methods, args.budgets, args.seeds, tasks=tasks, limit=args.limit, out_dir=args.out,
         batch_size=args.batch_size, chunk=_chunk(args), data_dir=args.data_dir, model_name=args.model,
-        options=args.options,
+        options=args.options, progress=not args.no_progress,
     )  # fmt: skip
     return _done(args.out)
 
@@ -271,7 +298,7 @@ def _run_summarization(args: argparse.Namespace) -> int:
     run_summarization(
         model, tok, args.dataset, args.methods, args.budgets, args.seeds, limit=args.limit, out_dir=args.out,
         batch_size=args.batch_size, chunk=_chunk(args), max_new_tokens=args.max_new_tokens, data_dir=args.data_dir,
-        model_name=args.model, options=args.options,
+        model_name=args.model, options=args.options, progress=not args.no_progress,
     )  # fmt: skip
     return _done(args.out)
 
@@ -283,7 +310,7 @@ def _run_needle(args: argparse.Namespace) -> int:
     depths = [i / max(args.limit - 1, 1) for i in range(args.limit)]
     run_needle(
         model, tok, args.methods, args.budgets, args.seeds, lengths=args.lengths, depths=depths, out_dir=args.out,
-        chunk=_chunk(args), model_name=args.model, options=args.options,
+        chunk=_chunk(args), model_name=args.model, options=args.options, progress=not args.no_progress,
     )  # fmt: skip
     return _done(args.out)
 
@@ -296,7 +323,7 @@ def _run_perturbation(args: argparse.Namespace) -> int:
     text = load_text(args.dataset, args.data_dir)
     run_perturbation(
         model, tok, text, args.methods, args.budgets, args.seeds, tokens=args.limit, chunk=_chunk(args),
-        out_dir=args.out, model_name=args.model, options=args.options,
+        out_dir=args.out, model_name=args.model, options=args.options, progress=not args.no_progress,
     )  # fmt: skip
     return _done(args.out)
 
@@ -315,6 +342,7 @@ def _run_growth(args: argparse.Namespace) -> int:
     run_growth(
         model, tok, text, args.methods, args.budgets[0], args.seeds, tokens=args.limit, chunk=_chunk(args),
         every=args.every, out_dir=args.out, model_name=args.model, options=args.options,
+        progress=not args.no_progress,
     )  # fmt: skip
     return _done(args.out)
 
@@ -324,6 +352,9 @@ def _run_report(args: argparse.Namespace) -> int:
     from kvmerge.eval.results import render_report
 
     if not (args.dir / "results.json").is_file():
-        raise UsageError(f"{args.dir}/results.json not found: give a folder written by 'kvmerge eval ...'")
-    print(render_report(args.dir).read_text())
+        raise UsageError(f"{args.dir}/results.json not found: give a folder written by kvmerge (eval, demo, bench)")
+    try:
+        print(render_report(args.dir).read_text())
+    except ValueError as error:  # a corrupt or foreign results.json
+        raise UsageError(str(error)) from error
     return 0

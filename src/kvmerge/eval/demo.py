@@ -5,18 +5,18 @@ the needle benchmark compares them.)"""
 from __future__ import annotations
 
 import json
-import platform
 from collections.abc import Sequence
 from dataclasses import dataclass
+from datetime import datetime, timezone
 from pathlib import Path
 
 import torch
-import transformers
 
 import kvmerge
+from kvmerge.eval import results
 from kvmerge.eval.data import load_text
 from kvmerge.eval.perplexity import PerplexityRun, prepare_perplexity
-from kvmerge.eval.report import plot_ppl_memory
+from kvmerge.eval.report import plot_ppl_memory, results_table
 
 DEMO_METHODS = (
     "full", "streaming", "streaming+cam", "h2o", "h2o+cam", "tova", "scissorhands", "corm", "knorm", "random",
@@ -32,30 +32,32 @@ class Demo:
     out: Path
 
     def run(self, progress: bool = True) -> dict:
-        """Run every method; write ``results.json`` and ``ppl_memory.png`` under :attr:`out` and return
-        what ``results.json`` holds: ``config``, ``versions``, ``torch_threads`` and ``results``
-        (one :func:`~kvmerge.eval.streaming_perplexity` result per method)."""
-        results = [run.run(progress=progress) for run in self.runs]
+        """Run every method; write ``results.json``, ``results.md`` and ``ppl_memory.png`` under :attr:`out`
+        and return what ``results.json`` holds: ``benchmark`` ("demo"), ``created``, ``config``,
+        ``versions``, ``torch_threads`` and ``results`` (one
+        :func:`~kvmerge.eval.streaming_perplexity` result per method)."""
         record = {
+            "benchmark": "demo",
+            "created": datetime.now(timezone.utc).isoformat(timespec="seconds"),
             "config": self.config,
-            "versions": {
-                "kvmerge": kvmerge.__version__,
-                "torch": torch.__version__,
-                "transformers": transformers.__version__,
-                "python": platform.python_version(),
-            },
+            "versions": results.versions(),
             "torch_threads": torch.get_num_threads(),
-            "results": results,
+            "results": [run.run(progress=progress) for run in self.runs],
         }
         self.out.mkdir(parents=True, exist_ok=True)
-        (self.out / "results.json").write_text(json.dumps(record, indent=2) + "\n")
-        config = self.config
-        title = (
-            f"{results[0]['model']} on {config['data']}: {config['tokens']} tokens fed one by one, "
-            f"budget {config['budget']}"
-        )
-        plot_ppl_memory(results, self.out / "ppl_memory.png", title=title)
+        (self.out / results.RESULTS_JSON).write_text(json.dumps(record, indent=2) + "\n")
+        results.render_report(self.out)
         return record
+
+
+def render(payload: dict, out_dir: Path) -> str:
+    """The demo's table (results.md) and ``ppl_memory.png``, from its ``results.json``."""
+    runs, config = payload["results"], payload["config"]
+    title = (
+        f"{runs[0]['model']} on {config['data']}: {config['tokens']} tokens fed one by one, budget {config['budget']}"
+    )
+    plot_ppl_memory(runs, out_dir / "ppl_memory.png", title=title)
+    return f"{title}\n\n```\n{results_table(runs, budget=False)}\n```\n\n![](ppl_memory.png)"
 
 
 def prepare_demo(

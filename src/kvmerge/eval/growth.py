@@ -17,6 +17,7 @@ from tqdm import tqdm
 from transformers import PreTrainedModel, PreTrainedTokenizerBase
 
 import kvmerge
+from kvmerge.compat import with_cache
 from kvmerge.eval import results
 from kvmerge.eval.perplexity import token_ids
 from kvmerge.eval.perturbation import value_norms
@@ -56,7 +57,7 @@ def run_growth(
         start = time.perf_counter()
         with torch.inference_mode():
             for stop in range(every, tokens + 1, every):
-                model(ids[:, stop - every : stop], past_key_values=cache)
+                model(ids[:, stop - every : stop], **with_cache(model, cache))
                 for layer, (norm_mean, norm_max) in enumerate(value_norms(cache)):
                     records.append({
                         "method": method, "budget": budget, "seed": seed, "tokens_seen": stop, "layer": layer,

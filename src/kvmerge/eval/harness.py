@@ -17,10 +17,13 @@ of that whole sequence's length.
 
 from __future__ import annotations
 
+import contextlib
 import itertools
 import math
 import os
+import subprocess
 import sys
+from collections.abc import Iterator
 from pathlib import Path
 
 import torch
@@ -32,6 +35,7 @@ from tqdm import tqdm
 from transformers import PreTrainedModel, PreTrainedTokenizerBase
 
 import kvmerge
+from kvmerge.compat import with_cache
 from kvmerge.eval.perplexity import require_step_schedule
 
 MODEL_NAME = "kvmerge"
@@ -74,6 +78,8 @@ class KVMergeLM(TemplateLM):
     device, dtype
         Where and in which precision the model runs; under ``accelerate launch`` each process takes
         its own device and a shard of the requests (data parallel).
+    progress
+        Show this model's progress bars (``False``: none, whatever lm-eval asks).
     **options
         Other :func:`kvmerge.make_cache` options (``sink``, ``recent``, ``merge_window``, ...).
     """
@@ -92,6 +98,7 @@ class KVMergeLM(TemplateLM):
         device: str | None = None,
         dtype: str = "float32",
         max_batch_size: int | None = None,
+        progress: bool = True,
         **options,
     ) -> None:
         super().__init__()
@@ -105,12 +112,6 @@ class KVMergeLM(TemplateLM):
         if not device or (str(device).startswith("cuda") and not torch.cuda.is_available()):
             device = "cuda" if torch.cuda.is_available() else "cpu"  # lm-eval's CLI asks for cuda by default
         self._device = torch.device(device)
-        if isinstance(pretrained, PreTrainedModel):
-            self.model, self.tokenizer = pretrained, tokenizer
-        else:
-            self.model, self.tokenizer = kvmerge.load_model(str(pretrained), dtype=getattr(torch, dtype))
-        self.model.to(self._device)
-        self.method = method
         full = method == "full"  # keeps everything: steps change nothing, so one step is exact and fastest
         self.cache_options = {
             "budget": None if full else budget,
@@ -118,7 +119,14 @@ class KVMergeLM(TemplateLM):
             "chunk_size": 1 << 30 if full else chunk,
         }
         self.cache_options.update(options)
-        method_ = kvmerge.make_cache(self.model, method, **self.cache_options).method  # validates the options now
+        method_ = kvmerge.make_method(method, **self.cache_options)  # bad arguments fail before the model loads
+        if isinstance(pretrained, PreTrainedModel):
+            self.model, self.tokenizer = pretrained, tokenizer
+        else:
+            self.model, self.tokenizer = kvmerge.load_model(str(pretrained), dtype=getattr(torch, dtype))
+        self.model.to(self._device)
+        self.method = method
+        kvmerge.make_cache(self.model, method, **self.cache_options)  # and the model is one kvmerge serves
         self.teacher_forced_error = None  # loglikelihood needs the step schedule; generation takes any
         try:
             require_step_schedule(method_)
@@ -128,6 +136,7 @@ class KVMergeLM(TemplateLM):
         self.batch_size = int(batch_size) if str(batch_size).isdigit() else 8
         self.max_length = max_length or self.model.config.get_text_config().max_position_embeddings
         self.max_gen_toks = max_gen_toks
+        self.progress = progress
 
     # -- what TemplateLM needs -------------------------------------------------------------------
 
@@ -217,7 +226,7 @@ class KVMergeLM(TemplateLM):
             ids,
             attention_mask=mask,
             position_ids=positions,
-            past_key_values=self.new_cache(**overrides),
+            **with_cache(self.model, self.new_cache(**overrides)),
             use_cache=True,
             logits_to_keep=scored + 1,
         ).logits[:, :-1]
@@ -226,6 +235,10 @@ class KVMergeLM(TemplateLM):
         picked = logprobs.gather(-1, targets)[..., 0].cpu()
         greedy = (logprobs.argmax(-1) == targets[..., 0]).cpu()
         return [(picked[row, -(len(s) - 1) :], greedy[row, -(len(s) - 1) :]) for row, s in enumerate(sequences)]
+
+    def _no_bar(self, disable_tqdm: bool) -> bool:
+        """Whether to hide a progress bar: lm-eval asks to, another process shows it, or ``progress=False``."""
+        return disable_tqdm or bool(self.rank) or not self.progress
 
     def _loglikelihood_tokens(self, requests: list[_Request], disable_tqdm: bool = False) -> list[tuple[float, bool]]:
         """Sum of log-probabilities of each continuation and whether it is the greedy one.
@@ -243,7 +256,11 @@ class KVMergeLM(TemplateLM):
             for same in (list(g) for _, g in itertools.groupby(order, key=lambda i: overrides[i]))
             for start in range(0, len(same), self.batch_size)
         ]
-        bar = tqdm(total=len(requests), desc=f"loglikelihood ({self.method})", disable=disable_tqdm or self.rank)
+        bar = tqdm(
+            total=len(requests),
+            desc=f"loglikelihood ({self.method})",
+            disable=disable_tqdm or self.rank or not self.progress,
+        )
         for batch in batches:
             scored = max(len(requests[i][2]) for i in batch)
             scores = self.token_logprobs([sequences[i] for i in batch], scored, **overrides[batch[0]])
@@ -259,7 +276,9 @@ class KVMergeLM(TemplateLM):
         through a fresh cache, left-truncated to ``max_length``."""
         sequences = [[self.prefix_token_id, *self.tok_encode(req.args[0])][-self.max_length :] for req in requests]
         out = []
-        for start in tqdm(range(0, len(sequences), self.batch_size), disable=disable_tqdm, desc="rolling"):
+        for start in tqdm(
+            range(0, len(sequences), self.batch_size), disable=disable_tqdm or not self.progress, desc="rolling"
+        ):
             out.extend(float(lp.sum()) for lp, _ in self.token_logprobs(sequences[start : start + self.batch_size]))
         return out
 
@@ -268,7 +287,9 @@ class KVMergeLM(TemplateLM):
         """Greedy generation through a fresh cache per request (budget fraction = of the prompt),
         cut at the first stop string."""
         out = []
-        for request in tqdm(requests, desc=f"generate ({self.method})", disable=disable_tqdm or self.rank):
+        for request in tqdm(
+            requests, desc=f"generate ({self.method})", disable=disable_tqdm or self.rank or not self.progress
+        ):
             context, gen_kwargs = request.args
             gen_kwargs = dict(gen_kwargs)
             until = gen_kwargs.pop("until", None) or []
@@ -278,7 +299,7 @@ class KVMergeLM(TemplateLM):
             generated = self.model.generate(
                 ids,
                 attention_mask=torch.ones_like(ids),
-                past_key_values=self.new_cache(),
+                **with_cache(self.model, self.new_cache()),
                 max_new_tokens=max_new,
                 do_sample=False,
                 pad_token_id=self.tokenizer.pad_token_id,
@@ -299,6 +320,27 @@ def register() -> type[KVMergeLM]:
     if MODEL_NAME not in model_registry:
         model_registry.register(MODEL_NAME)(KVMergeLM)
     return KVMergeLM
+
+
+@contextlib.contextmanager
+def quiet_git() -> Iterator[None]:
+    """Let lm-eval record the git commit of the working directory without printing git's
+    ``fatal: not a git repository`` when there is none (outside a checkout)."""
+    import lm_eval.evaluator
+
+    def commit() -> str | None:
+        try:
+            described = subprocess.run(["git", "describe", "--always"], capture_output=True, text=True, check=True)
+        except (OSError, subprocess.CalledProcessError):
+            return None
+        return described.stdout.strip()
+
+    recorded = lm_eval.evaluator.get_git_commit_hash
+    lm_eval.evaluator.get_git_commit_hash = commit
+    try:
+        yield
+    finally:
+        lm_eval.evaluator.get_git_commit_hash = recorded
 
 
 def task_manager(data_dir: str | os.PathLike | None = None, include_defaults: bool = True):

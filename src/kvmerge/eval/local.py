@@ -6,17 +6,12 @@ import json
 import os
 from pathlib import Path
 
-from kvmerge.eval.data import default_data_dir
+from kvmerge.eval.data import data_folder
 
 
 def data_dir(override: str | os.PathLike | None = None) -> Path:
-    """The data folder: ``override``, else ``$KVMERGE_DATA``, else ``../shared/data`` relative to the cwd."""
-    path = Path(override) if override else default_data_dir()
-    if path is None or not path.is_dir():
-        raise FileNotFoundError(
-            f"data folder {path or '../shared/data'} not found: set $KVMERGE_DATA or pass a data directory"
-        )
-    return path
+    """The data folder: ``override``, else :func:`~kvmerge.eval.data.default_data_dir`."""
+    return data_folder(override)
 
 
 def read_jsonl(path: str | os.PathLike, limit: int | None = None) -> list[dict]:

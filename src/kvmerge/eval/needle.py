@@ -18,6 +18,7 @@ from tqdm import tqdm
 from transformers import PreTrainedModel, PreTrainedTokenizerBase
 
 import kvmerge
+from kvmerge.compat import with_cache
 from kvmerge.eval import results
 from kvmerge.eval.data import load_text
 from kvmerge.registry import options_for
@@ -74,7 +75,7 @@ def answer(
     )
     out = model.generate(
         **batch,
-        past_key_values=cache,
+        **with_cache(model, cache),
         max_new_tokens=max_new_tokens,
         do_sample=False,
         pad_token_id=tokenizer.pad_token_id,
@@ -99,6 +100,7 @@ def run_needle(
     max_new_tokens: int = 32,
     model_name: str = "default",
     options: dict | None = None,
+    progress: bool = True,
 ) -> list[dict]:
     """Retrieval accuracy of every (method, budget, seed) over the grid ``lengths`` x ``depths``.
 
@@ -110,7 +112,9 @@ def run_needle(
     }
     runs = results.run_grid(methods, budgets, seeds, options)
     records = []
-    for (method, budget, seed), length in tqdm([(r, n) for r in runs for n in lengths], desc="needle"):
+    for (method, budget, seed), length in tqdm(
+        [(r, n) for r in runs for n in lengths], desc="needle", disable=not progress
+    ):
         start = time.perf_counter()
         own = options_for(method, options or {})
         answers = answer(model, tokenizer, prompts[length], method, budget, seed, chunk, max_new_tokens, own)

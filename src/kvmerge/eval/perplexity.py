@@ -20,6 +20,7 @@ from tqdm import tqdm
 from transformers import PreTrainedModel, PreTrainedTokenizerBase
 
 from kvmerge import make_cache
+from kvmerge.compat import with_cache
 from kvmerge.config import CompressionConfig
 from kvmerge.method import Method
 from kvmerge.registry import method_settings
@@ -62,7 +63,7 @@ class PerplexityRun:
         start_time = time.perf_counter()
         with torch.inference_mode(), bar:
             for start in range(0, tokens, self.segment):
-                logits = self.model(self.ids[:, start : start + self.segment], past_key_values=cache).logits
+                logits = self.model(self.ids[:, start : start + self.segment], **with_cache(self.model, cache)).logits
                 targets = self.ids[0, start + 1 : start + self.segment + 1]
                 # logits[0, i] predicts the token after input i; the last token of the text predicts nothing.
                 nll_sum += cross_entropy(logits[0, : targets.shape[0]].float(), targets, reduction="sum").double().cpu()

@@ -22,6 +22,7 @@ from transformers import PreTrainedModel, PreTrainedTokenizerBase
 
 import kvmerge
 from kvmerge.absorbers.cam import MergeLog
+from kvmerge.compat import with_cache
 from kvmerge.eval import results
 from kvmerge.eval.perplexity import require_step_schedule
 from kvmerge.registry import options_for
@@ -44,7 +45,7 @@ def attention_outputs(model: PreTrainedModel, ids: torch.Tensor, cache: kvmerge.
         for m in attention_modules(model)
     ]
     try:
-        model(ids, past_key_values=cache, use_cache=True)
+        model(ids, **with_cache(model, cache), use_cache=True)
     finally:
         for hook in hooks:
             hook.remove()
@@ -77,6 +78,7 @@ def run_perturbation(
     out_dir: str | Path | None = None,
     model_name: str = "default",
     options: dict | None = None,
+    progress: bool = True,
 ) -> list[dict]:
     """Per-layer relative attention-output error of every (method, budget, seed) against the full cache.
 
@@ -91,7 +93,7 @@ def run_perturbation(
     ids = tokenizer(text, return_tensors="pt").input_ids[:, :tokens].to(model.device)
     full = attention_outputs(model, ids, kvmerge.make_cache(model, "full"))
     records = []
-    for method, budget, seed in tqdm(runs, desc="perturbation"):
+    for method, budget, seed in tqdm(runs, desc="perturbation", disable=not progress):
         start = time.perf_counter()
         own = options_for(method, options or {})
         cache = kvmerge.make_cache(model, method, budget=budget, seed=seed, chunk_size=chunk, **own)

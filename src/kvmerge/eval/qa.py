@@ -29,6 +29,7 @@ def run_qa(
     data_dir: str | Path | None = None,
     model_name: str = "default",
     options: dict | None = None,
+    progress: bool = True,
 ) -> list[dict]:
     """Accuracy of every (method, budget, seed) on ``tasks`` through lm-eval's ``simple_evaluate``.
 
@@ -60,15 +61,16 @@ def run_qa(
         "budget_semantics": "fraction of each scored sequence (context + continuation), causal eviction",
     }
     records = []
-    for method, budget, seed in tqdm(runs, desc="qa runs"):
+    for method, budget, seed in tqdm(runs, desc="qa runs", disable=not progress):
         lm = harness.KVMergeLM(
             model, tokenizer, method=method, budget=budget, seed=seed, chunk=chunk, batch_size=batch_size,
-            **options_for(method, options or {}),
+            progress=progress, **options_for(method, options or {}),
         )  # fmt: skip
         start = time.perf_counter()
-        out = lm_eval.simple_evaluate(
-            model=lm, tasks=list(tasks), limit=limit, task_manager=manager, verbosity="WARNING"
-        )
+        with harness.quiet_git():
+            out = lm_eval.simple_evaluate(
+                model=lm, tasks=list(tasks), limit=limit, task_manager=manager, verbosity="WARNING"
+            )
         seconds = time.perf_counter() - start
         for task in tasks:
             metrics = out["results"][task]

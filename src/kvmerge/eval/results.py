@@ -35,6 +35,7 @@ BENCHMARKS = {
     "growth": "kvmerge.eval.growth",
     "ppl": "kvmerge.eval.sweep",
     "bench": "kvmerge.eval.bench",
+    "demo": "kvmerge.eval.demo",
 }
 
 
@@ -68,6 +69,17 @@ def versions() -> dict[str, str]:
     return out
 
 
+def claim_out_dir(path: str | Path, force: bool = False) -> Path:
+    """``path`` as the folder of a new run: refused while it holds files (the results of an earlier run)
+    unless ``force``; checked before any work, so that nothing is lost by mistake."""
+    path = Path(path)
+    if path.exists() and not path.is_dir():
+        raise FileExistsError(f"--out {path} is a file, not a folder")
+    if not force and path.is_dir() and any(path.iterdir()):
+        raise FileExistsError(f"{path} already holds results: pass --force to overwrite them, or choose another --out")
+    return path
+
+
 def write_results(out_dir: str | Path, benchmark: str, config: dict, records: list[dict], **extra) -> Path:
     """Write ``results.json`` (config, versions, records, ``extra``) into ``out_dir`` and render the report.
 
@@ -94,7 +106,7 @@ def write_results(out_dir: str | Path, benchmark: str, config: dict, records: li
 def render_report(out_dir: str | Path) -> Path:
     """Re-render ``results.md`` and the plots of a results folder from its ``results.json``; returns the ``.md``."""
     out = Path(out_dir)
-    results = json.loads((out / RESULTS_JSON).read_text())
+    results = read_results(out)
     body = importlib.import_module(BENCHMARKS[results["benchmark"]]).render(results, out)
     versions_line = ", ".join(f"{k} {v}" for k, v in results["versions"].items())
     config = json.dumps(results["config"], default=str)
@@ -103,6 +115,23 @@ def render_report(out_dir: str | Path) -> Path:
     path = out / RESULTS_MD
     path.write_text(text)
     return path
+
+
+def read_results(out_dir: str | Path) -> dict:
+    """The ``results.json`` of a results folder, checked to be one kvmerge wrote (``ValueError`` if not)."""
+    path = Path(out_dir) / RESULTS_JSON
+    try:
+        results = json.loads(path.read_text())
+    except json.JSONDecodeError as error:
+        raise ValueError(f"{path} is not valid JSON ({error})") from None
+    if not isinstance(results, dict):
+        raise ValueError(f"{path} is not a kvmerge results file (not a JSON object)")
+    missing = [key for key in ("benchmark", "created", "config", "versions") if key not in results]
+    if missing:
+        raise ValueError(f"{path} is not a kvmerge results file (no {', '.join(missing)})")
+    if results["benchmark"] not in BENCHMARKS:
+        raise ValueError(f"{path}: unknown benchmark {results['benchmark']!r}; kvmerge writes {', '.join(BENCHMARKS)}")
+    return results
 
 
 def mean_std(values: Iterable[float]) -> tuple[float, float, int]:

@@ -15,6 +15,7 @@ from tqdm import tqdm
 from transformers import PreTrainedModel, PreTrainedTokenizerBase, StoppingCriteria, StoppingCriteriaList
 
 import kvmerge
+from kvmerge.compat import with_cache
 from kvmerge.eval import local, results
 from kvmerge.registry import options_for
 
@@ -76,7 +77,7 @@ def summarize(
     length = batch.input_ids.shape[1]
     out = model.generate(
         **batch,
-        past_key_values=cache,
+        **with_cache(model, cache),
         max_new_tokens=max_new_tokens,
         do_sample=False,
         pad_token_id=tokenizer.pad_token_id,
@@ -100,6 +101,7 @@ def run_summarization(
     data_dir: str | Path | None = None,
     model_name: str = "default",
     options: dict | None = None,
+    progress: bool = True,
 ) -> list[dict]:
     """ROUGE of every (method, budget, seed) on the first ``limit`` prompts of ``dataset`` (see :data:`DATASETS`).
 
@@ -111,7 +113,7 @@ def run_summarization(
     prompts = [doc["article"] + suffix for doc in docs]
     runs = results.run_grid(methods, budgets, seeds, options)
     records, examples = [], []
-    for method, budget, seed in tqdm(runs, desc=f"{dataset} runs"):
+    for method, budget, seed in tqdm(runs, desc=f"{dataset} runs", disable=not progress):
         start = time.perf_counter()
         predictions = []
         for i in range(0, len(prompts), batch_size):

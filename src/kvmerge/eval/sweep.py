@@ -28,6 +28,7 @@ def run_ppl_sweep(
     data_dir: str | Path | None = None,
     model_name: str = "default",
     options: dict | None = None,
+    progress: bool = True,
 ) -> list[dict]:
     """Perplexity of the first ``tokens`` tokens of ``dataset`` (``wikitext2``, ``pg-essays`` or a file) per run.
 
@@ -37,7 +38,7 @@ def run_ppl_sweep(
     text = load_text(dataset, data_dir)
     runs = results.run_grid(methods, budgets, seeds, options)
     records = []
-    for method, budget, seed in tqdm(runs, desc=f"ppl {dataset}"):
+    for method, budget, seed in tqdm(runs, desc=f"ppl {dataset}", disable=not progress):
         run = streaming_perplexity(
             model, tokenizer, text, method, budget, tokens=tokens, chunk=chunk, seed=seed, progress=False,
             **options_for(method, options or {}),
@@ -64,6 +65,12 @@ def render(payload: dict, out_dir: Path) -> str:
     """Perplexity table (rows = method, columns = budget) and perplexity against budget, one line per method."""
     records = payload["records"]
     dataset = payload["config"]["dataset"]
-    results.line_plot(records, "budget", "ppl", "method", out_dir / "ppl.png", f"{dataset} perplexity", logy=True)
+    title = f"{dataset} perplexity"
+    if len({r["budget"] for r in records}) == 1:  # one budget: bars per method, not lines of one point
+        results.bar_plot(
+            records, "budget", "method", "ppl", out_dir / "ppl.png", f"{title} at budget {records[0]['budget']}"
+        )
+    else:
+        results.line_plot(records, "budget", "ppl", "method", out_dir / "ppl.png", title, logy=True)
     table = results.markdown_table(records, ("method",), "budget", "ppl", digits=2)
     return f"Perplexity on {dataset}, mean ± std over seeds (full = no budget, repeated).\n\n{table}\n\n![ppl](ppl.png)"
