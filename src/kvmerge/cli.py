@@ -7,6 +7,7 @@ import contextlib
 import json
 import sys
 import time
+import warnings
 from collections.abc import Iterator, Sequence
 from pathlib import Path
 from typing import NoReturn
@@ -86,16 +87,11 @@ class _Parser(argparse.ArgumentParser):
 
 
 def parse_budget(text: str) -> int | float:
-    """``"256"`` -> 256 entries per head; ``"0.2"`` or ``"20%"`` -> the fraction 0.2."""
-    value = text.strip()
+    """``"256"`` -> 256 entries per head; ``"0.2"`` or ``"20%"`` -> the fraction 0.2 (as ``make_cache`` reads it)."""
     try:
-        if value.endswith("%"):
-            return float(value[:-1]) / 100
-        return int(value) if value.lstrip("+-").isdigit() else float(value)
-    except ValueError:
-        raise argparse.ArgumentTypeError(
-            f"invalid budget {text!r}: give entries per KV head (e.g. 256) or a fraction (e.g. 0.2 or 20%)"
-        ) from None
+        return kvmerge.config.parse_budget(text)
+    except ValueError as error:
+        raise argparse.ArgumentTypeError(str(error)) from None
 
 
 def positive_int(text: str) -> int:
@@ -384,9 +380,20 @@ def build_parser() -> argparse.ArgumentParser:
     return parser
 
 
+def _format_warning(message, category, filename, lineno, line=None) -> str:
+    """kvmerge's own warnings as one ``kvmerge: warning: ...`` line; others as Python prints them."""
+    if "kvmerge" in filename and issubclass(category, UserWarning):
+        return f"kvmerge: warning: {message}\n"
+    return _python_format_warning(message, category, filename, lineno, line)
+
+
+_python_format_warning = warnings.formatwarning
+
+
 def main(argv: Sequence[str] | None = None) -> int:
     """Run the ``kvmerge`` command with ``argv`` (default ``sys.argv[1:]``); returns the exit status:
     0, or 2 after a one-line ``kvmerge: error: ...`` on stderr for a user error."""
+    warnings.formatwarning = _format_warning
     try:
         args = build_parser().parse_args(argv)
         if hasattr(args, "threads"):

@@ -11,6 +11,7 @@ from kvmerge.eval.data import DATA_DIR_HELP
 PAPER_METHODS = "full,streaming,streaming+cam,h2o,h2o+cam"
 PAIRS = "streaming,streaming+cam,h2o,h2o+cam"
 TEACHER_FORCED = ("ppl", "qa", "perturbation")  # score whole texts in one forward call: step schedule only
+TEXT_BENCHMARKS = ("ppl", "perturbation", "growth")  # stream the first --limit tokens of --dataset
 
 
 EVAL_EXAMPLES = """examples:
@@ -34,6 +35,12 @@ def _methods(text: str) -> list[str]:
     if unknown:
         raise argparse.ArgumentTypeError(f"unknown method(s) {unknown}; valid: {', '.join(sorted(known))}")
     return methods
+
+
+def _count(text: str) -> int:
+    if not text.strip().isdigit() or int(text) < 1:
+        raise argparse.ArgumentTypeError(f"expected a positive count, got {text!r}")
+    return int(text)
 
 
 def _number(text: str) -> int | float:
@@ -109,7 +116,7 @@ def _subcommand(subparsers, name: str, summary: str, examples: str, out: str) ->
     parser.add_argument("--force", action="store_true", help="overwrite the results already in --out")
     parser.add_argument("--no-progress", action="store_true", help="no progress bars on stderr")
     parser.add_argument(
-        "--threads", type=int, default=1, help="torch CPU threads (default 1; more oversubscribe small steps)"
+        "--threads", type=_count, default=1, help="torch CPU threads (default 1; more oversubscribe small steps)"
     )
     return parser
 
@@ -233,6 +240,7 @@ def _load(args: argparse.Namespace):
     """Validate every (method, budget) run and the model name, then load the model (errors before any compute)."""
     import kvmerge
     from kvmerge.cli import UsageError, _model_name, _user_errors
+    from kvmerge.eval.data import data_folder, load_text
     from kvmerge.eval.perplexity import require_step_schedule
     from kvmerge.eval.results import claim_out_dir, run_grid
     from kvmerge.registry import options_for
@@ -249,8 +257,12 @@ def _load(args: argparse.Namespace):
                 require_step_schedule(built)
         if args.limit is not None and args.limit < 1:
             raise UsageError(f"--limit must be a positive count, got {args.limit}")
-        if args.threads < 1:
-            raise UsageError(f"--threads must be a positive count, got {args.threads}")
+        if args.benchmark in TEXT_BENCHMARKS and args.limit < 2:
+            raise UsageError(f"--limit is the tokens of text, at least 2 (one to predict the next), got {args.limit}")
+        if args.benchmark in TEXT_BENCHMARKS:  # the text is there (a missing file fails here, not after loading)
+            load_text(args.dataset, args.data_dir)
+        elif args.benchmark in ("qa", "summarization"):
+            data_folder(args.data_dir)
         claim_out_dir(args.out, args.force)
         return kvmerge.load_model(_model_name(args.model))
 
