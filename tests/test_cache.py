@@ -6,9 +6,11 @@ import warnings
 
 import pytest
 import torch
+from transformers import DynamicCache
 
 import kvmerge
 from tests.conftest import VOCAB, tiny_model
+from tests.test_oracle import masked_reference, record_evictions
 
 
 def ids_of(length: int, seed: int = 0, batch: int = 1) -> torch.Tensor:
@@ -38,9 +40,15 @@ def test_memory_accounting_is_exact(llama, method):
 
 
 def test_full_cache_accounting_matches_dynamic_cache(llama):
-    _, cache = run(llama, "full", ids_of(20))
-    assert cache.kv_bytes() == cache.kv_bytes_full() > 0
-    assert cache.get_seq_length() == 20
+    ids = ids_of(20)
+    logits, cache = run(llama, "full", ids)
+    dynamic = DynamicCache(config=llama.config)
+    with torch.no_grad():
+        reference = llama(ids, **kvmerge.with_cache(llama, dynamic)).logits
+    held = sum(t.numel() * t.element_size() for layer in dynamic.layers for t in (layer.keys, layer.values))
+    assert cache.kv_bytes() == cache.kv_bytes_full() == held > 0
+    assert cache.get_seq_length() == dynamic.get_seq_length() == 20
+    assert torch.equal(logits, reference)
 
 
 def left_padded_batch(lengths: list[int]) -> tuple[list[torch.Tensor], torch.Tensor, torch.Tensor]:
@@ -110,6 +118,22 @@ def test_same_seed_same_result(llama, method):
     assert torch.equal(first, again)
 
 
+@pytest.mark.parametrize("method", ["h2o+cam", "random"])
+def test_another_seed_changes_what_draws_randomly(llama, method):
+    ids, options = ids_of(60), {"budget": 16, "chunk_size": 1}
+    options |= {"gate": "bernoulli"} if method.endswith("+cam") else {}
+    first, _ = run(llama, method, ids, seed=3, **options)
+    other, _ = run(llama, method, ids, seed=4, **options)
+    assert (first - other).abs().max() > 1e-4
+
+
+def test_the_expected_gate_ignores_the_seed(llama):
+    ids = ids_of(60)
+    first, _ = run(llama, "h2o+cam", ids, budget=16, chunk_size=1, seed=3)
+    other, _ = run(llama, "h2o+cam", ids, budget=16, chunk_size=1, seed=4)
+    assert torch.equal(first, other)
+
+
 def test_prefill_schedule_compresses_once_then_appends(llama):
     cache = kvmerge.make_cache(llama, "h2o", budget=10, schedule="prefill")
     with torch.no_grad():
@@ -147,15 +171,22 @@ def test_generate_runs_in_a_fixed_budget(llama):
     assert cache.get_seq_length() == 69
 
 
-def test_true_positions_survive_eviction(llama):
-    """Decoding after eviction must use true positions: compare with full attention over the same kept keys."""
+@pytest.mark.parametrize("position_shift", [False, True])
+def test_true_positions_survive_eviction(monkeypatch, llama, position_shift):
+    """Decoding after eviction uses true positions: the same as full attention, at true positions, over
+    exactly the kept keys; StreamingLLM's position shift (keys re-rotated to sit contiguously) is not."""
     ids = ids_of(30)
-    cache = kvmerge.make_cache(llama, "streaming", budget=30, chunk_size=1)
+    log = record_evictions(monkeypatch)
+    cache = kvmerge.make_cache(llama, "streaming", budget=12, chunk_size=1, position_shift=position_shift)
     with torch.no_grad():
         llama(ids[:, :29], **kvmerge.with_cache(llama, cache))
         last = llama(ids[:, 29:], **kvmerge.with_cache(llama, cache)).logits
-        full = llama(ids).logits[:, -1:]
-    torch.testing.assert_close(last, full, atol=1e-5, rtol=1e-5)
+    assert sorted(cache.layers[0].index[0, 0].tolist()) == [0, 1, 2, 3, *range(22, 30)]  # 18 entries evicted
+    reference = masked_reference(llama, ids, log)[:, -1:]
+    if position_shift:
+        assert (last - reference).abs().max() > 1e-3
+    else:
+        torch.testing.assert_close(last, reference, atol=1e-5, rtol=1e-5)
 
 
 def test_model_families_all_compress(family_model):

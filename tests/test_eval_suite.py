@@ -16,7 +16,8 @@ import pytest
 import torch
 from transformers import AutoTokenizer, LlamaConfig, LlamaForCausalLM
 
-from kvmerge.eval import harness, lm_eval_hook, needle, results, summarization
+import kvmerge
+from kvmerge.eval import harness, lm_eval_hook, local, needle, results, summarization
 from kvmerge.eval.commands import add_eval_commands
 from kvmerge.models import default_model_path
 
@@ -177,13 +178,25 @@ def read_results(out: Path) -> dict:
 
 @needs_data
 def test_qa_end_to_end(tiny, tmp_path):
+    import lm_eval
+    from lm_eval.models.huggingface import HFLM
+
     from kvmerge.eval.qa import run_qa
 
     tasks = ("kvmerge_copa", "kvmerge_rte")
-    records = run_qa(*tiny, ["full", "h2o+cam"], [0.5], [0, 1], tasks, limit=2, out_dir=tmp_path, batch_size=8, chunk=4,
-                     options={"gate": "bernoulli"})  # fmt: skip
-    assert len(records) == 3 * len(tasks)  # full once, h2o+cam (Bernoulli-gated: seeded) for two seeds
-    assert all(0 <= r["acc"] <= 1 and r["n"] == 2 for r in records)
+    records = run_qa(*tiny, ["full", "h2o+cam"], [0.5, 1.0], [0, 1], tasks, limit=6, out_dir=tmp_path, batch_size=8,
+                     chunk=4, options={"gate": "bernoulli"}, progress=False)  # fmt: skip
+    assert len(records) == 5 * len(tasks)  # full once, h2o+cam (Bernoulli-gated: seeded) at two budgets, two seeds
+    acc = {(r["method"], r["budget"], r["seed"], r["task"]): r["acc"] for r in records}
+    assert all(r["n"] == 6 for r in records)
+    # the oracle: lm-eval's own hf model with a full cache scores the same documents the same way
+    reference = lm_eval.simple_evaluate(model=HFLM(pretrained=tiny[0], tokenizer=tiny[1], batch_size=8),
+                                        tasks=list(tasks), limit=6, task_manager=harness.task_manager(),
+                                        verbosity="WARNING")  # fmt: skip
+    for task in tasks:
+        name = task.removeprefix("kvmerge_")
+        assert acc["full", None, 0, name] == reference["results"][task]["acc,none"]
+        assert acc["h2o+cam", 1.0, 0, name] == acc["h2o+cam", 1.0, 1, name] == acc["full", None, 0, name]
     payload = read_results(tmp_path)
     (tmp_path / "results.md").unlink()
     results.render_report(tmp_path)
@@ -197,12 +210,19 @@ def test_qa_end_to_end(tiny, tmp_path):
 @pytest.mark.parametrize("dataset", ["xsum", "cnn_dailymail"])
 def test_summarization_end_to_end(tiny, tmp_path, dataset):
     records = summarization.run_summarization(
-        *tiny, dataset, ["full", "streaming"], [0.5], [0], limit=2, out_dir=tmp_path, max_new_tokens=6, batch_size=2
-    )
-    assert [r["method"] for r in records] == ["full", "streaming"]
-    payload = read_results(tmp_path)
-    assert len(payload["examples"]) == 4
-    assert all(0 <= e["rouge1"] <= 1 for e in payload["examples"])
+        *tiny, dataset, ["full", "streaming"], [0.5, 1.0], [0], limit=2, out_dir=tmp_path, max_new_tokens=6,
+        batch_size=2, progress=False,
+    )  # fmt: skip
+    assert [(r["method"], r["budget"]) for r in records] == [("full", None), ("streaming", 0.5), ("streaming", 1.0)]
+    examples = read_results(tmp_path)["examples"]
+    assert len(examples) == 6
+    by = {(e["method"], e["budget"], e["index"]): e for e in examples}
+    for index in range(2):  # a budget that holds every entry generates what the full cache does
+        assert by["streaming", 1.0, index]["prediction"] == by["full", None, index]["prediction"]
+    docs = local.read_jsonl(local.data_dir() / summarization.DATASETS[dataset][0], 2)
+    for example in examples:  # the stored scores are ROUGE of the stored prediction against the reference
+        scores = summarization.rouge(example["prediction"], docs[example["index"]]["summary_gt"])
+        assert all(example[k] == pytest.approx(v) for k, v in scores.items())
 
 
 def test_needle_end_to_end(tiny, tmp_path):
@@ -217,8 +237,12 @@ def test_needle_end_to_end(tiny, tmp_path):
         chunk=8,
         max_new_tokens=4,
     )
-    assert len(records) == 2 * 2 * 2 and all(r["correct"] in (0, 1) for r in records)
+    assert len(records) == 2 * 2 * 2 and all(r["correct"] == needle.is_correct(r["answer"]) for r in records)
     read_results(tmp_path)
+    roomy = needle.run_needle(*tiny, ["full", "h2o+cam"], [1.0], [0], lengths=[48], depths=[0.0, 1.0], chunk=8,
+                              max_new_tokens=4, progress=False)  # fmt: skip
+    answers = {(r["method"], r["depth"]): r["answer"] for r in roomy}
+    assert answers["h2o+cam", 0.0] == answers["full", 0.0] and answers["h2o+cam", 1.0] == answers["full", 1.0]
     assert (tmp_path / "needle_h2o_cam_0.5.png").is_file()
 
 
@@ -272,19 +296,20 @@ def test_lm_eval_hook_registers_model_and_tasks(tmp_path):
     model and the ``kvmerge_*`` tasks through lm-eval's own registry and TaskManager, and without it does not."""
     pth = lm_eval_hook.install(tmp_path)
     assert pth.name == "kvmerge-lm-eval.pth" and "torch" not in pth.read_text()
+    # Python without its site hooks (-S), packages on the path by hand: this environment's own hook (make
+    # install) never runs, so "off" is observed here too; "on" adds the folder holding the new hook.
+    paths = [sysconfig.get_paths()["purelib"], str(Path(kvmerge.__file__).parents[1])]
     probe = (
-        "import site, sys; sys.argv[1] == 'on' and site.addsitedir(sys.argv[2]); "
+        f"import site, sys; sys.path += {paths!r}; sys.argv[1] == 'on' and site.addsitedir(sys.argv[2]); "
         "from lm_eval.api.registry import get_model; from lm_eval.tasks import TaskManager; "
         "tasks = TaskManager(include_defaults=False).all_tasks; "
         "print(get_model('kvmerge').__name__, 'kvmerge_copa' in tasks, 'kvmerge_mathqa' in tasks)"
     )
-    on = subprocess.run([sys.executable, "-c", probe, "on", str(tmp_path)], capture_output=True, text=True)
+    on = subprocess.run([sys.executable, "-S", "-c", probe, "on", str(tmp_path)], capture_output=True, text=True)
     assert on.returncode == 0, on.stderr[-2000:]
     assert on.stdout.split() == ["KVMergeLM", "True", "True"]
-    if (Path(sysconfig.get_paths()["purelib"]) / pth.name).exists():
-        return  # this interpreter has the hook already (make install): "off" cannot be observed here
-    off = subprocess.run([sys.executable, "-c", probe, "off", str(tmp_path)], capture_output=True, text=True)
-    assert off.returncode != 0 and "kvmerge" in off.stderr
+    off = subprocess.run([sys.executable, "-S", "-c", probe, "off", str(tmp_path)], capture_output=True, text=True)
+    assert off.returncode != 0 and "kvmerge" in off.stderr, off.stderr[-2000:]
 
 
 @pytest.mark.integration
