@@ -27,18 +27,21 @@ from pathlib import Path
 VARIANTS: dict[str, dict] = {
     "none": {},
     "cam": {},  # cam as shipped (its defaults)
-    "mean": {"normalizer": "mean", "gate": "bernoulli", "centered": False},
-    "max": {"normalizer": "max", "gate": "bernoulli", "centered": False},
-    "max-windows": {"normalizer": "max", "max_over": "windows", "gate": "bernoulli", "centered": False},
-    "max-expected": {"normalizer": "max", "gate": "expected", "centered": False},
-    "mean-centered": {"normalizer": "mean", "centered": True, "gate": "bernoulli"},
-    "mean-centered-expected": {"normalizer": "mean", "centered": True, "gate": "expected"},
-    "max-centered": {"normalizer": "max", "centered": True, "gate": "bernoulli"},
-    "max-window": {"targets": "window", "gate": "bernoulli", "centered": False},
-    "max-expected-centered-window": {"targets": "window"},
-    "max-expected-centered": {"normalizer": "max", "gate": "expected", "centered": True},
-    "max-per-step": {"normalizer": "max", "per_step": True, "gate": "bernoulli", "centered": False},
-    "mean-per-step-centered-expected": {"normalizer": "mean", "per_step": True, "centered": True, "gate": "expected"},
+    "mean": {"normalizer": "mean", "gate": "bernoulli", "centered": False, "targets": "next"},
+    "max": {"normalizer": "max", "gate": "bernoulli", "centered": False, "targets": "next"},
+    "max-windows": {"normalizer": "max", "max_over": "windows", "gate": "bernoulli", "centered": False, "targets": "next"},
+    "max-expected": {"normalizer": "max", "gate": "expected", "centered": False, "targets": "next"},
+    "mean-centered": {"normalizer": "mean", "centered": True, "gate": "bernoulli", "targets": "next"},
+    "mean-centered-expected": {"normalizer": "mean", "centered": True, "gate": "expected", "targets": "next"},
+    "max-centered": {"normalizer": "max", "centered": True, "gate": "bernoulli", "targets": "next"},
+    "max-window": {"normalizer": "max", "targets": "window", "gate": "bernoulli", "centered": False},
+    "max-expected-window": {"normalizer": "max", "targets": "window", "gate": "expected", "centered": False},
+    "max-expected-centered-window": {"normalizer": "max", "targets": "window", "gate": "expected", "centered": True},
+    "max-expected-centered": {"normalizer": "max", "gate": "expected", "centered": True, "targets": "next"},
+    "max-per-step": {"normalizer": "max", "per_step": True, "gate": "bernoulli", "centered": False, "targets": "next"},
+    "mean-per-step-centered-expected": {
+        "normalizer": "mean", "per_step": True, "centered": True, "gate": "expected", "targets": "next",
+    },
 }
 
 

@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import os
+
 import pytest
 import torch
 from transformers import (
@@ -19,6 +21,8 @@ from transformers import (
 )
 
 VOCAB = 97
+# the device of tests/test_device.py: KVMERGE_TEST_DEVICE=cuda runs it on a GPU (skipped cleanly without one)
+TEST_DEVICE = os.environ.get("KVMERGE_TEST_DEVICE", "cpu")
 
 
 def tiny_model(family: str, layers: int = 2, seed: int = 0) -> PreTrainedModel:
@@ -70,3 +74,12 @@ def smollm2():
     import kvmerge
 
     return kvmerge.load_model("default")
+
+
+@pytest.fixture(scope="session")
+def device() -> torch.device:
+    """``$KVMERGE_TEST_DEVICE`` (default ``cpu``); tests asking for it skip when it is not available."""
+    device = torch.device(TEST_DEVICE)
+    if device.type == "cuda" and not torch.cuda.is_available():
+        pytest.skip("KVMERGE_TEST_DEVICE=cuda but no CUDA device is available")
+    return device

@@ -303,3 +303,43 @@ def test_cam_one_eviction_path_merges_as_its_general_path(seed, options):
         results.append(after.values)
     torch.testing.assert_close(results[0], results[1], rtol=1e-6, atol=1e-6)  # (the two paths sum in another order)
     assert not torch.equal(results[0], before.values.gather(2, pick))  # something merged
+
+
+@pytest.mark.parametrize("method", ["h2o+cam", "scissorhands+cam", "streaming+cam"])
+@pytest.mark.parametrize(("chunk", "padded"), [(1, False), (4, True)])
+def test_value_sums_made_with_the_attention_equal_a_pass_over_the_values(monkeypatch, method, chunk, padded):
+    """CaM's Ō numerator, ``sum_j Ā_j V_j``, comes out of the step's attention as one more row of its value
+    product (the stacked decoding path included): the same as computing it from the entries, to float
+    rounding, and the same logits as a CaM that computes it itself."""
+    from kvmerge.absorbers import cam
+
+    model = tiny_model("llama")
+    ids = torch.randint(3, VOCAB, (2, 40), generator=torch.Generator().manual_seed(7))
+    mask = torch.ones_like(ids)
+    if padded:
+        mask[1, :9] = 0
+    checked, mean_output = [], cam._mean_output
+
+    def compare(entries: Entries) -> torch.Tensor:
+        fused = entries.value_sums[cam.AccumulatedAttention.name]
+        attention = entries.stats[cam.AccumulatedAttention.name].masked_fill(entries.index < 0, 0.0)
+        torch.testing.assert_close(fused, attention.unsqueeze(-2) @ entries.values.float(), atol=1e-5, rtol=1e-5)
+        checked.append(entries.index.shape[0])
+        return mean_output(entries)
+
+    def run(fused: bool) -> torch.Tensor:
+        if not fused:
+            monkeypatch.setattr(cam.CaM, "value_sums", lambda self: ())
+        cache = kvmerge.make_cache(model, method, 12, chunk_size=chunk)
+        with torch.no_grad():
+            out = [model(ids[:, :30], attention_mask=mask[:, :30], **kvmerge.with_cache(model, cache)).logits]
+            for t in range(30, 40):
+                step = {"attention_mask": mask[:, : t + 1]}
+                out.append(model(ids[:, t : t + 1], **step, **kvmerge.with_cache(model, cache)).logits)
+        return torch.cat(out, dim=1)
+
+    monkeypatch.setattr(cam, "_mean_output", compare)
+    fused = run(fused=True)
+    assert checked and max(checked) == 2 * 2  # the stacked decoding step: 2 layers x 2 sequences as one
+    monkeypatch.setattr(cam, "_mean_output", mean_output)
+    torch.testing.assert_close(run(fused=False), fused, atol=1e-5, rtol=1e-5)

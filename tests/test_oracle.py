@@ -71,7 +71,7 @@ def record_evictions(monkeypatch) -> dict[int, list[tuple[int, int, torch.Tensor
     def note(layer: KVMergeLayer, before: torch.Tensor) -> None:
         for row in range(before.shape[0]):
             step = int(layer.valid_seen[row]) - 1
-            kept = torch.zeros(before.shape[1], step + 1, dtype=torch.bool)
+            kept = torch.zeros(before.shape[1], step + 1, dtype=torch.bool, device=before.device)
             was = torch.zeros_like(kept)
             for h in range(before.shape[1]):
                 kept[h, layer.index[row, h][layer.index[row, h] >= 0]] = True
@@ -109,7 +109,7 @@ def masked_reference(model, ids: torch.Tensor, log) -> torch.Tensor:
     masks = {}
     for layer_idx, events in log.items():
         heads = events[0][2].shape[0]
-        visible = torch.ones(batch, heads, length, length, dtype=torch.bool).tril()
+        visible = torch.ones(batch, heads, length, length, dtype=torch.bool, device=ids.device).tril()
         for row, step, evicted in events:
             for h, j in torch.nonzero(evicted, as_tuple=False).tolist():
                 visible[row, h, step + 1 :, j] = False
@@ -117,7 +117,7 @@ def masked_reference(model, ids: torch.Tensor, log) -> torch.Tensor:
 
     def oracle(module, query, key, value, attention_mask, scaling=None, **kwargs):
         group = query.shape[1] // key.shape[1]
-        causal = torch.ones(batch, key.shape[1], length, length, dtype=torch.bool).tril()
+        causal = torch.ones(batch, key.shape[1], length, length, dtype=torch.bool, device=query.device).tril()
         mask = masks.get(module.layer_idx, causal).repeat_interleave(group, dim=1)
         out = torch.nn.functional.scaled_dot_product_attention(
             query, key.repeat_interleave(group, 1), value.repeat_interleave(group, 1), attn_mask=mask, scale=scaling

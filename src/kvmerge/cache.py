@@ -15,6 +15,7 @@ the result of feeding the tokens one step at a time.
 
 from __future__ import annotations
 
+import dataclasses
 import threading
 from collections.abc import Callable
 
@@ -77,6 +78,8 @@ class KVMergeLayer(CacheLayerMixin):
         self._pending: tuple[torch.Tensor, torch.Tensor] | None = None
         # decoding's single evictions happen in place unless the method needs slots in position order
         self._evicts_in_place = key_rotation is None and not method.needs_position_order
+        self._sum_names = method.absorber.value_sums() if method.absorber is not None else ()
+        self._value_sums: dict[str, torch.Tensor] = {}  # Entries.value_sums of the last step
 
     # transformers' layer API -------------------------------------------------------------
 
@@ -164,7 +167,8 @@ class KVMergeLayer(CacheLayerMixin):
 
     @property
     def entries(self) -> Entries:
-        return Entries(self.keys, self.values, self.index, self.stats, self.valid_seen, self.layer_idx)
+        index, seen = self.index, self.valid_seen
+        return Entries(self.keys, self.values, index, self.stats, seen, self.layer_idx, self._value_sums)
 
     def attend(
         self, module: torch.nn.Module, query: torch.Tensor, attention_mask: torch.Tensor | None, **kwargs
@@ -237,7 +241,8 @@ class KVMergeLayer(CacheLayerMixin):
         protected = (before.index < self.sink) | (before.index >= recent_start)
         absorber = self.method.absorber
         if absorber is not None and self.compressions == 0:
-            before = absorber.merge(before, (before.index >= 0) & ~protected, self.method.config)
+            merged = absorber.merge(before, (before.index >= 0) & ~protected, self.method.config)
+            before = before if merged is before else dataclasses.replace(merged, value_sums={})  # sums of old values
         scores = _cast(self.method.selector.scores(before, self.method.config), torch.float32).masked_fill(
             protected, float("inf")
         )
@@ -531,12 +536,21 @@ class KVMergeLayer(CacheLayerMixin):
                 block_mask = mask[:, :, start:stop]
                 scores = scores.masked_fill(~block_mask.unsqueeze(2), float("-inf"))
                 visible = block_mask[:, :1] & valid[:, start:stop].view(batch, 1, -1, 1)
-            extra = None
+            extra, fused = None, False
             if absorber is not None and absorber.attends:
                 extra = absorber.state_attention(self.absorber_state, q.view(*scores.shape[:4], dim), self.layer_idx)
             if extra is None:
                 probs = scores.softmax(dim=-1)
-                out = torch.matmul(probs.view(batch, heads, -1, n), values)
+                weights = probs.view(batch, heads, -1, n)
+                fused = stop == rows and bool(self._sum_names)  # the value sums as rows of this product
+                if fused:  # the statistics first, so the value sums see this step's attention too
+                    self._update_statistics(probs, visible, start, stop)
+                    weights = torch.cat([weights, self._sum_weights()], dim=2)
+                out = torch.matmul(weights, values)
+                if fused:
+                    sums = out[:, :, -len(self._sum_names) :]
+                    self._value_sums = dict(zip(self._sum_names, sums.split(1, dim=2), strict=True))
+                    out = out[:, :, : -len(self._sum_names)]
             else:  # the state is one more softmax term with log-weight log_mass and value mean
                 log_mass, mean = extra
                 top = torch.maximum(scores.amax(dim=-1), log_mass)
@@ -546,12 +560,25 @@ class KVMergeLayer(CacheLayerMixin):
                 probs = weights / weights.sum(dim=-1, keepdim=True)  # statistics see the kept entries only
                 kept = torch.matmul(weights.view(batch, heads, -1, n), values).view_as(mean)
                 out = (kept + state_weight.unsqueeze(-1) * mean) / total.unsqueeze(-1)
-            outputs.append(_cast(out.view(batch, heads, group, stop - start, dim), query.dtype))
-            seen = Observation(probs, visible, _span(self._step_index, start, stop), self.valid_seen)
-            for stat in self.method.statistics:
-                self.stats[stat.name] = stat.update(self.stats[stat.name], seen)
+            outputs.append(_cast(out.reshape(batch, heads, group, stop - start, dim), query.dtype))
+            if not fused:
+                self._update_statistics(probs, visible, start, stop)
+        if self._sum_names and not fused:  # an attending absorber: one more pass
+            sums = torch.matmul(self._sum_weights(), values)
+            self._value_sums = dict(zip(self._sum_names, sums.split(1, dim=2), strict=True))
         out = (outputs[0] if len(outputs) == 1 else torch.cat(outputs, dim=3)).reshape(batch, q_heads, rows, dim)
         return out.transpose(1, 2)
+
+    def _update_statistics(self, probs: torch.Tensor, visible: torch.Tensor, start: int, stop: int) -> None:
+        """Feed the probabilities ``[b, h, g, r, n]`` of the step's rows ``start:stop`` to the statistics."""
+        seen = Observation(probs, visible, _span(self._step_index, start, stop), self.valid_seen)
+        for stat in self.method.statistics:
+            self.stats[stat.name] = stat.update(self.stats[stat.name], seen)
+
+    def _sum_weights(self) -> torch.Tensor:
+        """The statistics of :attr:`_sum_names` as weight rows ``[b, h, s, n]`` float32 (0 for an empty slot)."""
+        rows = torch.stack([self.stats[name] for name in self._sum_names], dim=2).float()
+        return rows.masked_fill(self.index.unsqueeze(2) < 0, 0.0) if self.has_empty else rows
 
     def _true(self, *shape: int) -> torch.Tensor:
         """An all-true bool tensor of ``shape``, kept between steps (read-only)."""
@@ -687,6 +714,9 @@ class LayerStack:
         """One in-place eviction for every layer's rows, then each layer holds its kept slices."""
         stacked = self._stacked
         stacked.valid_seen = torch.cat([layer.valid_seen for layer in self.layers])
+        stacked._value_sums = {
+            name: torch.cat([layer._value_sums[name] for layer in self.layers]) for name in stacked._sum_names
+        }
         stacked._hold(self._full)
         stacked.compress()
         for layer, (_, held) in zip(self.layers, self._slices, strict=True):

@@ -37,6 +37,10 @@ class Entries:
         The model layer these entries belong to: an int, or ``[batch, 1, 1]`` int64 per row when the
         cache compresses several layers at once, their rows stacked along the batch (see
         :class:`~kvmerge.cache.LayerStack`).
+    value_sums:
+        ``sum_j s_j V_j`` ``[batch, kv_heads, 1, head_dim]`` (float32) over the valid entries, for each
+        statistic ``s`` an absorber asked for (:meth:`Absorber.value_sums`), computed with the last
+        step's attention (one more row of its value product); absent when not computed.
     """
 
     keys: torch.Tensor
@@ -45,6 +49,7 @@ class Entries:
     stats: dict[str, torch.Tensor]
     seen: torch.Tensor
     layer_idx: int | torch.Tensor
+    value_sums: dict[str, torch.Tensor] = field(default_factory=dict)
 
 
 @dataclass(frozen=True)
@@ -140,6 +145,11 @@ class Absorber:
     def draws_random(self) -> bool:
         """Whether absorbing draws from the seed (so that results depend on it)."""
         return False
+
+    def value_sums(self) -> tuple[str, ...]:
+        """Statistics ``s`` whose ``sum_j s_j V_j`` the cache computes with each step's attention, for
+        :attr:`Entries.value_sums` (a pass over the values that the attention makes anyway)."""
+        return ()
 
     def merge(self, entries: Entries, candidates: torch.Tensor, config: CompressionConfig) -> Entries:
         """Return ``entries`` with some merged; a merged-away entry gets index ``-1``.

@@ -39,11 +39,11 @@ class KeyRotation:
         rope_type = getattr(rotaries[0], "rope_type", "default")
         if rope_type != "default":
             raise ValueError(f"position_shift supports plain RoPE only, this model uses rope_type={rope_type!r}")
-        return cls(rotaries[0].inv_freq.detach().float().cpu())
+        return cls(rotaries[0].inv_freq.detach().double())  # on the model's device: no copy per compression
 
     def rotate(self, keys: torch.Tensor, delta: torch.Tensor) -> torch.Tensor:
         """Move ``keys`` ``[batch, heads, n, head_dim]`` by ``delta`` ``[batch, heads, n]`` positions."""
-        angles = delta.to(torch.float64).unsqueeze(-1) * self.inv_freq.to(keys.device, torch.float64)
+        angles = delta.to(torch.float64).unsqueeze(-1) * self.inv_freq.to(keys.device)  # a no-op on one device
         angles = torch.cat([angles, angles], dim=-1)
         cos, sin = angles.cos().to(keys.dtype), angles.sin().to(keys.dtype)
         rotary, rest = keys[..., : self.rotary_dim], keys[..., self.rotary_dim :]

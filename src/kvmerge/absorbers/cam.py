@@ -155,6 +155,9 @@ class CaM(Absorber):
     def draws_random(self) -> bool:
         return self.gate == "bernoulli"
 
+    def value_sums(self) -> tuple[str, ...]:
+        return (AccumulatedAttention.name,) if self.centered else ()  # Ō's numerator, with the attention
+
     def absorb(self, eviction: Eviction, config: CompressionConfig) -> None:
         slots = eviction.evicted_slots
         if slots is not None and slots.shape[-1] == 1:
@@ -296,10 +299,14 @@ def _rate(entries: Entries) -> torch.Tensor:
 
 def _mean_output(entries: Entries) -> torch.Tensor:
     """``Ō = sum_j Ā_j V_j / sum_j Ā_j`` over the valid entries ``[b, h, n]`` -> ``[b, h, 1, d]`` (zero
-    without attention)."""
+    without attention). The numerator comes with the step's attention when the cache computed it
+    (:attr:`~kvmerge.method.Entries.value_sums`), else from one pass over the values here."""
     attention = entries.stats[AccumulatedAttention.name].masked_fill(entries.index < 0, 0.0)
-    total = attention.sum(-1, keepdim=True).clamp_(min=torch.finfo(attention.dtype).tiny)
-    return torch.einsum("bhn,bhnd->bhd", (attention / total).to(entries.values.dtype), entries.values).unsqueeze(2)
+    total = attention.sum(-1, keepdim=True).clamp_(min=torch.finfo(attention.dtype).tiny).unsqueeze(-1)
+    weighted = entries.value_sums.get(AccumulatedAttention.name)
+    if weighted is None:
+        weighted = attention.unsqueeze(-2).to(entries.values.dtype) @ entries.values  # [b, h, 1, d]
+    return (weighted / total.to(weighted.dtype)).to(entries.values.dtype)
 
 
 _FAR = torch.iinfo(torch.long).max
