@@ -83,3 +83,21 @@ def device() -> torch.device:
     if device.type == "cuda" and not torch.cuda.is_available():
         pytest.skip("KVMERGE_TEST_DEVICE=cuda but no CUDA device is available")
     return device
+
+
+@pytest.fixture(scope="session")
+def tiny_dir(tmp_path_factory):
+    """A tiny Llama checkpoint with a character tokenizer, as ``kvmerge.load_model`` reads it."""
+    from tests.test_eval import save_tiny
+
+    return save_tiny(tmp_path_factory.mktemp("tiny"))
+
+
+@pytest.fixture(scope="session")
+def text_file(tmp_path_factory):
+    """A short English text file."""
+    from tests.test_eval import TEXT
+
+    path = tmp_path_factory.mktemp("text") / "austen.txt"
+    path.write_text(TEXT, encoding="utf-8")
+    return path

@@ -15,16 +15,10 @@ import torch
 import kvmerge
 from kvmerge.eval import bench, results
 from tests.conftest import VOCAB, tiny_model
-from tests.test_eval import save_tiny
 
 # the tiny Llama of tests.test_eval: 2 layers, 2 KV heads of dimension 64 / 4 = 16, float32
 TINY_BYTES_PER_TOKEN = 2 * 2 * 16 * (4 + 4)
 PNG = b"\x89PNG\r\n\x1a\n"
-
-
-@pytest.fixture(scope="module")
-def tiny_dir(tmp_path_factory):
-    return save_tiny(tmp_path_factory.mktemp("tiny"))
 
 
 def parser() -> argparse.ArgumentParser:

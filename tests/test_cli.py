@@ -12,7 +12,6 @@ import transformers
 
 import kvmerge
 from kvmerge.cli import main, parse_budget
-from tests.test_eval import TEXT, save_tiny
 
 RESULT_KEYS = {"method", "budget", "model", "tokens", "ppl", "nll", "kv_bytes", "kv_bytes_full", "seconds"}
 
@@ -26,18 +25,6 @@ def restore_globals():
     torch.set_num_threads(threads)
     if bars:
         transformers.utils.logging.enable_progress_bar()
-
-
-@pytest.fixture(scope="module")
-def tiny_dir(tmp_path_factory):
-    return save_tiny(tmp_path_factory.mktemp("tiny"))
-
-
-@pytest.fixture(scope="module")
-def text_file(tmp_path_factory):
-    path = tmp_path_factory.mktemp("text") / "austen.txt"
-    path.write_text(TEXT, encoding="utf-8")
-    return path
 
 
 def error_line(capsys) -> str:

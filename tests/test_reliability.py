@@ -20,23 +20,10 @@ import kvmerge
 from kvmerge.cli import main
 from kvmerge.eval import harness, results, sweep
 from tests.conftest import VOCAB, tiny_model
-from tests.test_cli import error_line, restore_globals  # noqa: F401  (the fixture restores torch/transformers state)
-from tests.test_eval import TEXT, save_tiny
+from tests.test_cli import error_line, restore_globals  # noqa: F401  (the fixture restores what main changes)
 
 REPO = Path(__file__).resolve().parents[1]
 KVMERGE = Path(sys.executable).parent / "kvmerge"
-
-
-@pytest.fixture(scope="module")
-def tiny_dir(tmp_path_factory):
-    return save_tiny(tmp_path_factory.mktemp("tiny"))
-
-
-@pytest.fixture(scope="module")
-def text_file(tmp_path_factory):
-    path = tmp_path_factory.mktemp("text") / "austen.txt"
-    path.write_text(TEXT, encoding="utf-8")
-    return path
 
 
 def ids_of(length: int, batch: int = 1, seed: int = 0) -> torch.Tensor:

@@ -547,8 +547,8 @@ class KVMergeLayer(CacheLayerMixin):
                     self._update_statistics(probs, visible, start, stop)
                     weights = torch.cat([weights, self._sum_weights()], dim=2)
                 out = torch.matmul(weights, values)
-                if fused:
-                    sums = out[:, :, -len(self._sum_names) :]
+                if fused:  # copied out, so that the step's whole product is not kept alive by them
+                    sums = out[:, :, -len(self._sum_names) :].clone()
                     self._value_sums = dict(zip(self._sum_names, sums.split(1, dim=2), strict=True))
                     out = out[:, :, : -len(self._sum_names)]
             else:  # the state is one more softmax term with log-weight log_mass and value mean
