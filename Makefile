@@ -8,7 +8,7 @@ STAMP   = $(VENV)/.kvmerge-installed
 TRANSFORMERS_LOWEST ?= transformers==5.13.1
 COMPAT  = .venv-compat
 
-.PHONY: demo test test-compat lint install lock clean
+.PHONY: demo test test-compat test-newest core-tests lint install lock clean
 
 $(STAMP): pyproject.toml constraints.txt
 	$(PYTHON) -m venv $(VENV)
@@ -34,12 +34,22 @@ lint: $(STAMP)
 test: lint
 	$(PY) -m pytest -q
 
-# The core tests (cache, oracles, methods, compaction) on the lowest supported transformers.
+# The core tests (cache, oracles, methods, compaction) on other transformers versions: the lowest
+# supported (test-compat) and the newest that resolves today, without constraints.txt (test-newest).
+CORE_TESTS = tests/test_cache.py tests/test_oracle.py tests/test_methods.py tests/test_compaction.py
+
 test-compat:
-	$(PYTHON) -m venv $(COMPAT)
-	$(COMPAT)/bin/python -m pip install --quiet "$(TORCH)"
-	$(COMPAT)/bin/python -m pip install --quiet -e . pytest "$(TRANSFORMERS_LOWEST)"
-	$(COMPAT)/bin/python -m pytest -q tests/test_cache.py tests/test_oracle.py tests/test_methods.py tests/test_compaction.py
+	$(MAKE) core-tests ENV=$(COMPAT) SPEC="$(TRANSFORMERS_LOWEST)"
+
+test-newest:
+	$(MAKE) core-tests ENV=.venv-newest SPEC="transformers"
+
+core-tests:
+	$(PYTHON) -m venv $(ENV)
+	$(ENV)/bin/python -m pip install --quiet "$(TORCH)"
+	$(ENV)/bin/python -m pip install --quiet --upgrade -e . pytest "$(SPEC)"
+	$(ENV)/bin/python -c "import transformers; print('core tests on transformers', transformers.__version__)"
+	$(ENV)/bin/python -m pytest -q $(CORE_TESTS)
 
 # Re-resolve the newest versions pyproject.toml allows into constraints.txt (then: make test).
 lock:
@@ -51,4 +61,4 @@ lock:
 	mv constraints.new constraints.txt && rm -rf .venv-lock
 
 clean:
-	rm -rf $(VENV) $(COMPAT) runs .pytest_cache .ruff_cache
+	rm -rf $(VENV) $(COMPAT) .venv-newest runs .pytest_cache .ruff_cache
