@@ -417,9 +417,27 @@ def test_observation_window_attention_counts_only_the_last_queries():
 def test_snapkv_keeps_max_pooled_votes_and_the_window():
     votes = torch.tensor([[[0.0, 0.0, 0.9, 0.0, 0.0, 0.0, 0.0, 0.0, 0.1, 0.0, 0.2, 0.2]]])
     layer = hand_made_layer("snapkv", budget=6, positions=12, stats={ObservationWindowAttention.name: votes}, heads=1,
-                            schedule="prefill", window=2, kernel=3)  # fmt: skip
-    layer.compress()  # pooled (kernel 3): 0.9 spreads to 1-3; 0.1 to 7-9 (9 also pooled with 0.2)
-    assert kept_positions(layer) == [[1, 2, 3, 9, 10, 11]]
+                            schedule="prefill", window=2, kernel=3, pooling="max")  # fmt: skip
+    layer.compress()  # pooled (kernel 3) over positions 0-9: 0.9 spreads to 1-3, 0.1 to 7-9 (not the window's 0.2)
+    assert kept_positions(layer) == [[1, 2, 3, 7, 10, 11]]  # ties (7, 8, 9 at 0.1) go to the older entry
+
+
+def official_snapkv(votes: torch.Tensor, window: int, kernel: int, keep: int) -> list[int]:
+    """SnapKV's official selection (``snapkv_utils.py``, ``pooling='avgpool'``) for one head: votes of the
+    entries before the window, ``avg_pool1d`` with zero padding, top ``keep - window``, plus the window."""
+    prefix = votes[:-window].view(1, 1, -1)
+    pooled = torch.nn.functional.avg_pool1d(prefix, kernel, padding=kernel // 2, stride=1).view(-1)
+    top = pooled.topk(keep - window).indices.tolist()
+    return sorted(top + list(range(len(votes) - window, len(votes))))
+
+
+@pytest.mark.parametrize("seed", range(4))
+def test_snapkv_selects_as_the_official_code(seed):
+    votes = torch.rand(1, 1, 40, generator=torch.Generator().manual_seed(seed))
+    layer = hand_made_layer("snapkv", budget=16, positions=40, stats={ObservationWindowAttention.name: votes}, heads=1,
+                            schedule="prefill", window=8, kernel=5)  # fmt: skip
+    layer.compress()
+    assert kept_positions(layer) == [official_snapkv(votes[0, 0], window=8, kernel=5, keep=16)]
 
 
 def test_snapkv_needs_the_prefill_schedule():
@@ -435,6 +453,7 @@ def test_snapkv_needs_the_prefill_schedule():
     ("corm", {"window": 0}, "corm window must be an int in"),
     ("corm", {"threshold": -1.0}, "corm threshold must be > 0"),
     ("snapkv", {"kernel": 4}, "kernel must be odd"),
+    ("snapkv", {"pooling": "median"}, "pooling must be one of 'avg', 'max'"),
     ("h2o", {"window": 3}, "'h2o' takes no option(s) window"),
 ])  # fmt: skip
 def test_method_options_are_validated(method, options, message):
