@@ -188,7 +188,7 @@ def test_qa_end_to_end(tiny, tmp_path):
                      chunk=4, options={"gate": "bernoulli"}, progress=False)  # fmt: skip
     assert len(records) == 5 * len(tasks)  # full once, h2o+cam (Bernoulli-gated: seeded) at two budgets, two seeds
     acc = {(r["method"], r["budget"], r["seed"], r["task"]): r["acc"] for r in records}
-    assert all(r["n"] == 6 for r in records)
+    assert all(r["n"] == len(r["outcomes"]) == 6 and sum(r["outcomes"]) / 6 == r["acc"] for r in records)
     # the oracle: lm-eval's own hf model with a full cache scores the same documents the same way
     reference = lm_eval.simple_evaluate(model=HFLM(pretrained=tiny[0], tokenizer=tiny[1], batch_size=8),
                                         tasks=list(tasks), limit=6, task_manager=harness.task_manager(),
@@ -201,8 +201,9 @@ def test_qa_end_to_end(tiny, tmp_path):
     (tmp_path / "results.md").unlink()
     results.render_report(tmp_path)
     table = (tmp_path / "results.md").read_text()
-    assert "| method | budget | copa | rte | mean |" in table
+    assert "| method | budget | copa | rte | mean |" in table and " (6)" in table
     assert "| h2o+cam | 0.5 |" in table and "| full | None |" in table
+    assert "| copa | h2o+cam vs h2o |" not in table  # no h2o alone ran: nothing to pair with
     assert len(payload["records"]) == len(records)
 
 

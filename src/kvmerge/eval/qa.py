@@ -10,6 +10,7 @@ from tqdm import tqdm
 from transformers import PreTrainedModel, PreTrainedTokenizerBase
 
 from kvmerge.eval import harness, results
+from kvmerge.eval.paired import paired_bootstrap
 from kvmerge.registry import options_for
 
 METRIC = "acc"
@@ -40,7 +41,8 @@ def run_qa(
     -------
     list of dict
         One record per (method, budget, seed, task): ``acc``, ``acc_stderr``, ``acc_norm`` (if the task
-        has it), ``n`` documents and ``seconds``.
+        has it), ``n`` documents, ``outcomes`` (per document 0/1, in document order, so that any two
+        methods can be compared pairwise later) and ``seconds``.
     """
     import lm_eval
 
@@ -69,7 +71,7 @@ def run_qa(
         start = time.perf_counter()
         with harness.quiet_git():
             out = lm_eval.simple_evaluate(
-                model=lm, tasks=list(tasks), limit=limit, task_manager=manager, verbosity="WARNING"
+                model=lm, tasks=list(tasks), limit=limit, task_manager=manager, verbosity="WARNING", log_samples=True
             )
         seconds = time.perf_counter() - start
         for task in tasks:
@@ -85,6 +87,7 @@ def run_qa(
                     "acc_norm": metrics.get("acc_norm,none"),
                     "n": out["n-samples"][task]["effective"],
                     "seconds": seconds,
+                    "outcomes": outcomes(out["samples"][task]),
                 }
             )
         if out_dir is not None:  # after every run, so that an interrupted sweep keeps what it measured
@@ -92,13 +95,61 @@ def run_qa(
     return records
 
 
+def outcomes(samples: list[dict]) -> list[int]:
+    """Per-document correctness (0/1) in document order, from lm-eval's logged samples."""
+    return [int(sample[METRIC]) for sample in sorted(samples, key=lambda sample: sample["doc_id"])]
+
+
+def paired_differences(records: list[dict]) -> list[dict]:
+    """``selector+absorber`` against its selector at the same budget and seed, per task: the paired
+    bootstrap of their per-document outcomes (:func:`~kvmerge.eval.paired.paired_bootstrap`)."""
+    by = {(r["method"], r["budget"], r["seed"], r["task"]): r for r in records if "outcomes" in r}
+    out = []
+    for (method, budget, seed, task), record in by.items():
+        selector = method.partition("+")[0]
+        base = by.get((selector, budget, seed, task)) or by.get((selector, budget, 0, task))
+        if "+" in method and base is not None:
+            compared = paired_bootstrap(base["outcomes"], record["outcomes"])
+            out.append({"task": task, "method": method, "versus": selector, "budget": budget, "seed": seed, **compared})
+    return out
+
+
 def render(payload: dict, out_dir: Path) -> str:
-    """Table 1 shape (rows = methods, columns = tasks, accuracy in %) and a grouped bar plot."""
+    """Table 1 shape (rows = methods, columns = tasks): accuracy in % with its documents, ``*`` where a
+    method differs from its selector with a 95% paired bootstrap interval that excludes 0, the paired
+    differences themselves, and a grouped bar plot."""
     records = payload["records"]
     results.bar_plot(records, "task", "method", METRIC, out_dir / "qa.png", "Zero-shot accuracy (%)", scale=100)
     seconds = {(r["method"], r["budget"], r["seed"]): r["seconds"] for r in records}
-    table = results.markdown_table(records, ("method", "budget"), "task", METRIC, scale=100, mean_column=True)
-    return (
-        f"Accuracy (%), mean ± std over seeds, {payload['config'].get('limit') or 'all'} documents per task.\n\n"
-        f"{table}\n\n![accuracy](qa.png)\n\nWall time of all runs: {sum(seconds.values()):.0f} s."
+    differences = paired_differences(records)
+    marked = {(d["method"], d["budget"], d["task"]) for d in differences if d["excludes_zero"]}
+    tasks = list(dict.fromkeys(r["task"] for r in records))
+    lines = ["| method | budget | " + " | ".join(tasks) + " | mean |", "|---|---|" + "---|" * (len(tasks) + 1)]
+    for (method, budget), rows in results.group(records, ("method", "budget")).items():
+        cells, means = [], []
+        for task in tasks:
+            cell = [r for r in rows if r["task"] == task]
+            mean, std, count = results.mean_std(100 * r[METRIC] for r in cell)
+            means.append(mean)
+            spread = f" ± {std:.1f}" if count > 1 else ""
+            documents = f" ({cell[0]['n']})" if count and "n" in cell[0] else ""
+            star = "*" if (method, budget, task) in marked else ""
+            cells.append("–" if not count else f"{mean:.1f}{spread}{documents}{star}")
+        cells.append(f"{results.mean_std(means)[0]:.1f}")
+        lines.append(f"| {method} | {budget} | " + " | ".join(cells) + " |")
+    text = (
+        "Accuracy (%) (documents), mean ± std over seeds; * = differs from its selector (95% paired "
+        "bootstrap interval excludes 0).\n\n" + "\n".join(lines)
     )
+    if differences:
+        rows = [
+            f"| {d['task']} | {d['method']} vs {d['versus']} | {d['budget']} | {d['seed']} | {100 * d['diff']:+.1f} "
+            f"[{100 * d['low']:+.1f}, {100 * d['high']:+.1f}] | {d['n']} |"
+            for d in differences
+        ]
+        text += (
+            "\n\nPaired differences (percentage points, 95% bootstrap interval, 10,000 resamples):\n\n"
+            "| task | comparison | budget | seed | difference [interval] | n |\n|---|---|---|---|---|---|\n"
+            + "\n".join(rows)
+        )
+    return f"{text}\n\n![accuracy](qa.png)\n\nWall time of all runs: {sum(seconds.values()):.0f} s."
