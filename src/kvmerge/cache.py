@@ -183,7 +183,7 @@ class KVMergeLayer(CacheLayerMixin):
         new_keys, new_values = self._pending
         self._pending = None
         length = new_keys.shape[-2]
-        if length > 1 and self.seen > 0:
+        if length > 1 and self.seen > 0 and self.layer_idx == 0:  # every layer sees the same positions
             self._check_continues(kwargs.get("position_ids"))
         if attention_mask is None:
             valid = self._true(query.shape[0], length)

@@ -246,9 +246,8 @@ def measure_group(points: list[Point], report: Callable[[dict], None] | None = N
             baseline = _release_memory()
             started = time.perf_counter()
             for start in range(0, point.context, point.chunk):
-                logits = model(
-                    prompt[:, start : start + point.chunk], **with_cache(model, cache), logits_to_keep=1
-                ).logits
+                step = prompt[:, start : start + point.chunk]
+                logits = model(step, **with_cache(model, cache), logits_to_keep=1).logits
             prefill_seconds = time.perf_counter() - started
             peak = _peak_rss()
             del prompt
