@@ -105,6 +105,32 @@ def test_stream_alone(tiny_dir, tmp_path):
     ]
 
 
+def test_prefill_grid(tiny_dir, tmp_path, capsys):
+    argv = ["--model", str(tiny_dir), "--no-points", "--methods", "streaming,h2o+cam,snapkv", "--prefill", "40,80",
+            "--prefill-repeats", "3", "--prefill-chunk", "8", "--budget", "0.25", "--in-process", "--no-progress",
+            "--out", str(tmp_path)]  # fmt: skip
+    started = time.perf_counter()
+    assert run_cli(argv) == 0
+    elapsed = time.perf_counter() - started
+    assert (
+        "## Prefill: one forward call of the whole prompt (median of 3 round-robin repeats)" in capsys.readouterr().out
+    )
+    prefill = json.loads((tmp_path / "results.json").read_text())["prefill"]
+    # per context: the full cache, streaming and h2o+cam under both schedules, snapkv under its own only
+    runs = [(r["method"], r["schedule"]) for r in prefill if r["context"] == 40]
+    assert runs == [("full", "full"), ("streaming", "prefill"), ("streaming", "step"), ("h2o+cam", "prefill"),
+                    ("h2o+cam", "step"), ("snapkv", "prefill")]  # fmt: skip
+    assert [r["context"] for r in prefill] == [40] * 6 + [80] * 6
+    for record in prefill:
+        assert len(record["seconds"]) == len(record["rss_growth"]) == 3
+        assert record["seconds_median"] == sorted(record["seconds"])[1]
+        assert record["budget"] == (None if record["method"] == "full" else record["context"] // 4)
+        assert record["chunk_size"] == (8 if record["schedule"] == "step" else None)
+        full = next(r for r in prefill if r["method"] == "full" and r["context"] == record["context"])
+        assert record["vs_full"] == pytest.approx(record["seconds_median"] / full["seconds_median"])
+    assert 0 < sum(sum(r["seconds"]) for r in prefill) < elapsed
+
+
 def test_one_group_in_its_own_process(tiny_dir):
     config = bench.BenchConfig(methods=("h2o+cam",), contexts=(40,), batches=(2,), budget=10, steps=2, chunk=8,
                                model=str(tiny_dir))  # fmt: skip

@@ -33,6 +33,8 @@ _handoff = threading.local()
 
 # Attention rows x entries x query heads computed at once when probabilities are needed.
 _BLOCK_ELEMENTS = 1 << 24
+# ... and at most this many query rows at once, so that a causal prompt's blocks skip the entries after them.
+_BLOCK_ROWS = 128
 _NEVER = 1 << 62
 
 
@@ -486,67 +488,106 @@ class KVMergeLayer(CacheLayerMixin):
         self.since_compression += rows
 
     def _step_mask(self, valid: torch.Tensor) -> torch.Tensor | None:
-        """Which entries each of the step's rows sees ``[batch, kv_heads, r, n]``: the valid kept
-        entries, and the step's valid tokens causally. A row always sees itself, so padding rows
-        stay finite (nothing valid ever sees padding). ``None`` when a single row sees everything."""
+        """Which entries each of the step's rows sees ``[batch, kv_heads, r, n]`` (one head,
+        broadcast, when no slot is empty): the valid kept entries, and the step's valid tokens causally.
+        A row always sees itself, so padding rows stay finite (nothing valid ever sees padding).
+        ``None`` when a single row sees everything."""
         rows, n = valid.shape[-1], self.index.shape[-1]
         if rows == 1 and not self.has_empty:
             return None
-        old = (self.index[..., : n - rows] >= 0).unsqueeze(2).expand(-1, -1, rows, -1)
         causal = torch.ones(rows, rows, dtype=torch.bool, device=self.device).tril()
         new = (causal & valid.view(-1, 1, 1, rows)) | torch.eye(rows, dtype=torch.bool, device=self.device)
+        if self.has_empty:
+            old = (self.index[..., : n - rows] >= 0).unsqueeze(2).expand(-1, -1, rows, -1)
+        else:
+            old = self._true(1, 1, 1, 1).expand(new.shape[0], 1, rows, n - rows)
         return torch.cat([old, new.expand(-1, old.shape[1], -1, -1)], dim=-1)
 
     def _attend_step(self, query: torch.Tensor, valid: torch.Tensor, scaling: float) -> torch.Tensor:
-        """Attention of a step's queries ``[batch, q_heads, r, head_dim]`` -> ``[batch, r, q_heads, head_dim]``;
-        feeds the step's probabilities to the statistics when the method has any."""
-        mask = self._step_mask(valid)
+        """Attention of a step's queries ``[batch, q_heads, r, head_dim]`` -> ``[batch, r, q_heads, head_dim]``.
+
+        A method that reads the probabilities of every row gets them with the output, in one explicit
+        pass. Otherwise the step attends with SDPA, as the full cache does (the whole prompt, for the
+        ``prefill`` schedule), and only the rows the method reads
+        (:attr:`~kvmerge.method.Method.observed_rows`, the step's newest) get their probabilities computed."""
+        rows = query.shape[2]
+        observed = self.method.observed_rows
+        if observed is None or observed >= rows:
+            return self._attend_observed(query, valid, scaling, 0, output=True)
+        out = self._attend_sdpa(query, valid, scaling)
+        if observed:
+            self._attend_observed(query, valid, scaling, rows - observed, output=False)
+        return out
+
+    def _attend_sdpa(self, query: torch.Tensor, valid: torch.Tensor, scaling: float) -> torch.Tensor:
+        """Attention of a step's queries ``[batch, q_heads, r, head_dim]`` (``valid`` ``[batch, r]``) with SDPA
+        -> ``[batch, r, q_heads, head_dim]``."""
         batch, q_heads, rows, dim = query.shape
         heads = self.keys.shape[1]
         group = q_heads // heads
-        if not self.method.needs_attention and mask is None:
+        mask = self._step_mask(valid)
+        if mask is None:
             # One query row that sees everything (decoding): a KV group's query heads are rows of one
             # attention over their KV head, cheaper on CPU than SDPA's GQA.
-            grouped = query.reshape(batch, heads, group * rows, dim)
+            grouped = query.reshape(batch, heads, group, dim)
             out = scaled_dot_product_attention(grouped, self.keys, self.values, scale=scaling)
-            return out.reshape(batch, q_heads, rows, dim).transpose(1, 2)
-        if not self.method.needs_attention:
-            out = scaled_dot_product_attention(
-                query,
-                self.keys,
-                self.values,
-                attn_mask=mask.repeat_interleave(group, dim=1),
-                scale=scaling,
-                enable_gqa=group > 1,
-            )
-            return out.transpose(1, 2)
-        n = self.keys.shape[-2]
+            return out.reshape(batch, q_heads, 1, dim).transpose(1, 2)
+        if self.keys.shape[-2] == rows and not self.has_empty:  # the step is all the layer holds, unpadded
+            mask, causal = None, True
+        else:
+            mask, causal = (mask.repeat_interleave(group, dim=1) if mask.shape[1] > 1 else mask), False
+        out = scaled_dot_product_attention(
+            query, self.keys, self.values, attn_mask=mask, is_causal=causal, scale=scaling, enable_gqa=group > 1
+        )
+        return out.transpose(1, 2)
+
+    def _attend_observed(
+        self, query: torch.Tensor, valid: torch.Tensor, scaling: float, first: int, output: bool
+    ) -> torch.Tensor | None:
+        """Attention of a step's rows ``first:`` of ``query`` ``[batch, q_heads, r, head_dim]`` ->
+        ``[batch, r - first, q_heads, head_dim]`` (``None`` without ``output``: the probabilities only),
+        with their probabilities fed to the statistics.
+
+        Rows go in blocks, each over the entries it can see (the kept ones and the step's tokens up to
+        its last row: a causal prompt costs half the square), computed in float32."""
+        mask = self._step_mask(valid)
+        batch, q_heads, rows, dim = query.shape
+        n, heads = self.keys.shape[-2], self.keys.shape[1]
+        group = q_heads // heads
         absorber = self.method.absorber
-        block = max(1, _BLOCK_ELEMENTS // max(1, n * q_heads))
+        block = max(1, min(_BLOCK_ROWS, _BLOCK_ELEMENTS // max(1, n * q_heads)))
         grouped = query.reshape(batch, heads, group, rows, dim)
         keys, values = _cast(self.keys, torch.float32).transpose(-1, -2), _cast(self.values, torch.float32)
         outputs = []
-        for start in range(0, rows, block):
+        for start in range(first, rows, block):
             stop = min(start + block, rows)
+            seen = n - rows + stop  # entries these rows can see
             q = _cast(_span(grouped, start, stop, dim=3), torch.float32).reshape(batch, heads, -1, dim)
-            scores = (torch.matmul(q, keys) * scaling).view(batch, heads, group, stop - start, n)
+            scores = torch.matmul(q * scaling, _span(keys, 0, seen, dim=3))
+            scores = scores.view(batch, heads, group, stop - start, seen)
             if mask is None:
-                visible = self._true(1, 1, 1, n)
+                visible = self._true(1, 1, 1, seen)
             else:
-                block_mask = mask[:, :, start:stop]
-                scores = scores.masked_fill(~block_mask.unsqueeze(2), float("-inf"))
+                block_mask = mask[:, :, start:stop, :seen]
+                # no empty slot, no padding: the rows see every entry before the block's first token
+                hidden = 0 if self.has_empty else n - rows + start
+                scores[..., hidden:].masked_fill_(~block_mask[..., hidden:].unsqueeze(2), float("-inf"))
                 visible = block_mask[:, :1] & valid[:, start:stop].view(batch, 1, -1, 1)
+            seen_values = _span(values, 0, seen)
             extra, fused = None, False
             if absorber is not None and absorber.attends:
                 extra = absorber.state_attention(self.absorber_state, q.view(*scores.shape[:4], dim), self.layer_idx)
             if extra is None:
                 probs = scores.softmax(dim=-1)
-                weights = probs.view(batch, heads, -1, n)
-                fused = stop == rows and bool(self._sum_names)  # the value sums as rows of this product
-                if fused:  # the statistics first, so the value sums see this step's attention too
+                fused = output and stop == rows and bool(self._sum_names)  # the value sums as rows of this product
+                if fused or not output:  # the statistics first, so the value sums see this step's attention too
                     self._update_statistics(probs, visible, start, stop)
+                if not output:
+                    continue
+                weights = probs.view(batch, heads, -1, seen)
+                if fused:
                     weights = torch.cat([weights, self._sum_weights()], dim=2)
-                out = torch.matmul(weights, values)
+                out = torch.matmul(weights, seen_values)
                 if fused:  # copied out, so that the step's whole product is not kept alive by them
                     sums = out[:, :, -len(self._sum_names) :].clone()
                     self._value_sums = dict(zip(self._sum_names, sums.split(1, dim=2), strict=True))
@@ -558,22 +599,33 @@ class KVMergeLayer(CacheLayerMixin):
                 state_weight = torch.exp(log_mass - top)
                 total = weights.sum(dim=-1) + state_weight
                 probs = weights / weights.sum(dim=-1, keepdim=True)  # statistics see the kept entries only
-                kept = torch.matmul(weights.view(batch, heads, -1, n), values).view_as(mean)
+                kept = torch.matmul(weights.view(batch, heads, -1, seen), seen_values).view_as(mean)
                 out = (kept + state_weight.unsqueeze(-1) * mean) / total.unsqueeze(-1)
             outputs.append(_cast(out.reshape(batch, heads, group, stop - start, dim), query.dtype))
             if not fused:
                 self._update_statistics(probs, visible, start, stop)
-        if self._sum_names and not fused:  # an attending absorber: one more pass
+        if self._sum_names and not fused:  # an attending absorber, or no output: one more pass
             sums = torch.matmul(self._sum_weights(), values)
             self._value_sums = dict(zip(self._sum_names, sums.split(1, dim=2), strict=True))
-        out = (outputs[0] if len(outputs) == 1 else torch.cat(outputs, dim=3)).reshape(batch, q_heads, rows, dim)
+        if not output:
+            return None
+        out = (outputs[0] if len(outputs) == 1 else torch.cat(outputs, dim=3)).reshape(batch, q_heads, -1, dim)
         return out.transpose(1, 2)
 
     def _update_statistics(self, probs: torch.Tensor, visible: torch.Tensor, start: int, stop: int) -> None:
-        """Feed the probabilities ``[b, h, g, r, n]`` of the step's rows ``start:stop`` to the statistics."""
+        """Feed the probabilities ``[b, h, g, r, m]`` of the step's rows ``start:stop`` over the first ``m``
+        entries (those the rows can see) to the statistics."""
         seen = Observation(probs, visible, _span(self._step_index, start, stop), self.valid_seen)
+        m = probs.shape[-1]
         for stat in self.method.statistics:
-            self.stats[stat.name] = stat.update(self.stats[stat.name], seen)
+            value = self.stats[stat.name]
+            if m == value.shape[-1]:
+                self.stats[stat.name] = stat.update(value, seen)
+            else:  # the entries after the first m are unseen: untouched
+                part = value.narrow(-1, 0, m)
+                updated = stat.update(part, seen)
+                if updated is not part:
+                    part.copy_(updated)
 
     def _sum_weights(self) -> torch.Tensor:
         """The statistics of :attr:`_sum_names` as weight rows ``[b, h, s, n]`` float32 (0 for an empty slot)."""

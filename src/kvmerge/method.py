@@ -198,3 +198,14 @@ class Method:
     def needs_attention(self) -> bool:
         """Whether the cache must compute attention probabilities for this method."""
         return bool(self.statistics) or bool(self.absorber and self.absorber.attends)
+
+    @property
+    def observed_rows(self) -> int | None:
+        """How many of a step's newest query rows the cache computes attention probabilities for: ``0``
+        for none, ``None`` for every row (an attending absorber's state joins every row's softmax)."""
+        if not self.needs_attention:
+            return 0
+        rows = [stat.query_rows() for stat in self.statistics]
+        if (self.absorber and self.absorber.attends) or None in rows:
+            return None
+        return max(rows)

@@ -54,7 +54,15 @@ class Statistic(ABC):
     @abstractmethod
     def update(self, value: torch.Tensor, seen: Observation) -> torch.Tensor:
         """Fold one block of attention rows into ``value`` ``[batch, kv_heads, n]`` and return it: the
-        cache owns ``value``, so it is updated in place where possible (it may be a view of a buffer)."""
+        cache owns ``value``, so it is updated in place where possible (it may be a view of a buffer).
+
+        ``n`` may be fewer than the layer holds: the block's rows see only the first ``n`` entries (the
+        entries after them are the step's own later tokens, not yet seen by any query)."""
+
+    def query_rows(self) -> int | None:
+        """How many of a step's newest query rows this statistic reads (``None``: every row). The cache
+        computes attention probabilities for those rows only and attends the others with SDPA."""
+        return None
 
 
 @dataclass(frozen=True)
@@ -95,6 +103,9 @@ class AttentionHistory(Statistic):
         bits = (hit.long() << shifts).sum(dim=2)
         return value.bitwise_left_shift_(rows).bitwise_or_(bits).bitwise_and_((1 << self.window) - 1)
 
+    def query_rows(self) -> int:
+        return self.window  # older rows' bits are shifted out of the window
+
     @staticmethod
     def count(value: torch.Tensor, window: int) -> torch.Tensor:
         """Number of set bits of ``value`` ``[...]`` -> ``[...]`` int64."""
@@ -112,6 +123,9 @@ class CurrentAttention(Statistic):
         last = seen.probs[:, :, :, -1].mean(dim=(1, 2))  # [b, n]
         return value.copy_(last.unsqueeze(1))
 
+    def query_rows(self) -> int:
+        return 1
+
 
 @dataclass(frozen=True)
 class ObservationWindowAttention(Statistic):
@@ -125,3 +139,6 @@ class ObservationWindowAttention(Statistic):
         in_window = seen.query_index >= (seen.seen.view(-1, 1) - self.window)  # [b, r]
         probs = aggregate_group(seen.probs, self.gqa) * in_window.view(in_window.shape[0], 1, -1, 1)
         return value.add_(probs.sum(dim=2))
+
+    def query_rows(self) -> int:
+        return self.window  # the newest rows hold the window's positions, padding or not

@@ -207,8 +207,13 @@ class CaM(Absorber):
             is_evicted = eviction.evicted.gather(-1, slots)
         # Present entries by rank (empty slots skipped); the m after each evicted one: [b, h, e, m].
         valid = before.index >= 0
-        rank = valid.long().cumsum(-1) - 1  # [b, h, n]
-        slot_of_rank = torch.zeros_like(rank).scatter_(-1, torch.where(valid, rank, rank.shape[-1] - 1), _slots(rank))
+        if bool(valid.all()):  # no empty slot: ranks are slots
+            rank = slot_of_rank = _slots(before.index)
+        else:
+            rank = valid.long().cumsum(-1) - 1  # [b, h, n]
+            slot_of_rank = torch.zeros_like(rank).scatter_(
+                -1, torch.where(valid, rank, rank.shape[-1] - 1), _slots(rank)
+            )
         evicted_rank = rank.gather(-1, slots)
         neighbour_rank = evicted_rank.unsqueeze(-1) + torch.arange(1, m + 1, device=slots.device)
         has_neighbour = neighbour_rank < valid.sum(-1, keepdim=True).unsqueeze(-1)
@@ -240,8 +245,7 @@ class CaM(Absorber):
         if (log := _ACTIVE_LOG.get()) is not None:
             log.add(before.layer_idx, weight, has_neighbour.any(-1) & (True if is_evicted is None else is_evicted))
         weight = weight.float()
-        d = before.values.shape[-1]
-        merged = before.values.gather(2, slots.unsqueeze(-1).expand(-1, -1, -1, d)).float()  # [b, h, e, d]
+        merged = read_slots(before.values, slots).float()  # [b, h, e, d]
         if self.centered:
             merged = merged - _mean_output(before).float()
         if slots.shape[-1] > 1:
@@ -310,6 +314,7 @@ def _mean_output(entries: Entries) -> torch.Tensor:
 
 
 _FAR = torch.iinfo(torch.long).max
+_CASCADE_BLOCK = 64  # rows per triangular solve of a bulk merge (a decoding chunk's evictions in one)
 
 
 def _scatter(
@@ -325,8 +330,7 @@ def _scatter(
     (whether the target counts) ``[b, h, e, m]``."""
     weight = (weight.unsqueeze(-1) * hit).to(merged.dtype) / m  # [b, h, e, m]
     contribution = (merged.unsqueeze(3) * weight.unsqueeze(-1)).to(values.dtype)  # [b, h, e, m, d]
-    d = values.shape[-1]
-    values.scatter_add_(2, targets.flatten(2, 3).unsqueeze(-1).expand(-1, -1, -1, d), contribution.flatten(2, 3))
+    add_to_slots(values, targets.flatten(2, 3), contribution.flatten(2, 3))
 
 
 def _slots(like: torch.Tensor) -> torch.Tensor:
@@ -338,18 +342,19 @@ def _cascade(values: torch.Tensor, weight: torch.Tensor, rank: torch.Tensor, m: 
     """Evicted values ``[b, h, e, d]`` (position order, present ranks ``rank`` ``[b, h, e]``) with what
     earlier evictions of the same compression merged into them: ``x_l = v_l + sum_k weight_k x_k`` over
     the earlier ``k`` whose rank is at most ``m`` below ``l``'s. Ranks strictly increase, so such a ``k``
-    is among the ``m`` evictions before ``l``: the system is solved ``m`` rows at a time, each block one
-    small triangular solve fed by the block before it."""
+    is among the ``m`` evictions before ``l``: the system is solved in blocks of ``_CASCADE_BLOCK`` (at
+    least ``m``) rows, each one small triangular solve fed by the last ``m`` rows of the block before it."""
     e = values.shape[2]
+    block = max(m, _CASCADE_BLOCK)
     solved: list[torch.Tensor] = []
-    for start in range(0, e, m):
-        stop, low = min(start + m, e), max(start - m, 0)
+    for start in range(0, e, block):
+        stop, low = min(start + block, e), max(start - m, 0)
         # coupling[l, k] = weight_k when k feeds l, for rows l of the block and columns k in [low, stop)
         gap = rank[..., start:stop].unsqueeze(-1) - rank[..., low:stop].unsqueeze(-2)  # [b, h, r, c]
         coupling = ((gap >= 1) & (gap <= m)) * weight[..., low:stop].unsqueeze(-2)
         rhs = values[..., start:stop, :]
         if start:
-            rhs = rhs + coupling[..., : start - low] @ solved[-1]
+            rhs = rhs + coupling[..., : start - low] @ solved[-1][..., low - start :, :]
         eye = torch.eye(stop - start, device=values.device)
         solved.append(torch.linalg.solve_triangular(eye - coupling[..., start - low :], rhs, upper=False))
-    return torch.cat(solved, dim=2)
+    return solved[0] if len(solved) == 1 else torch.cat(solved, dim=2)

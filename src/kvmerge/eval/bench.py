@@ -47,6 +47,8 @@ import torch
 from kvmerge.absorbers.cam import PAPER_RULE
 from kvmerge.cli import positive_int
 from kvmerge.compat import with_cache
+from kvmerge.eval.measure import bench_cache, bench_model, bench_prompt, peak_rss, release_memory, rss, text_ids
+from kvmerge.eval.prefill_grid import measure_prefill, render_prefill
 
 # Targets of issue 5 (ratios measured in one run): name -> (threshold, comparison).
 OVERHEAD_LIMIT = 1.10  # decode ms/token at any stream length <= 1.10 x full at context B
@@ -56,8 +58,6 @@ STATS_LIMIT = 0.05  # statistics kept beside the entries < 5% of the KV bytes
 SPEEDUP_TARGET = 1.5  # decode throughput at 8k context and a 20% budget >= 1.5 x full
 SPEEDUP_CONTEXT = 8192
 FLAT_LIMIT = 1.10  # stream: last segment within 10% of the first full-cache segment (ms/token and RSS)
-TEXT = "pg-essays"
-SEQUENCE_OFFSET = 997  # sequence b of a batch starts b * 997 tokens into the text
 
 
 @dataclass(frozen=True)
@@ -102,6 +102,9 @@ class BenchConfig:
     points_grid: bool = True  # False: only the stream and/or the kvpress comparison
     kvpress_context: int = 1024
     kvpress_tokens: int = 64
+    prefill_contexts: tuple[int, ...] = ()  # the prefill grid (one call per prompt), empty: none
+    prefill_repeats: int = 5
+    prefill_chunk: int = 32  # compression step of the prefill grid's step schedule
     extra: dict = field(default_factory=dict)
 
     def budget_for(self, context: int) -> int:
@@ -136,35 +139,6 @@ class BenchConfig:
 
 # -- measurements (each runs in the process that calls it) ----------------------------------------
 
-_MODELS: dict[str, tuple] = {}
-
-
-def _model(name: str):
-    """The model and tokenizer ``name``, loaded once per process (attention reset to SDPA)."""
-    import kvmerge
-
-    if name not in _MODELS:
-        _MODELS[name] = kvmerge.load_model(name)
-    model, tokenizer = _MODELS[name]
-    if model.config._attn_implementation != "sdpa":
-        model.set_attn_implementation("sdpa")
-    return model, tokenizer
-
-
-def text_ids(tokenizer, tokens: int) -> torch.Tensor:
-    """The first ``tokens`` token ids of the Paul Graham essays (repeated if the text is shorter)."""
-    from kvmerge.eval.data import load_text
-
-    text = load_text(TEXT)[: 8 * tokens + 1000]  # >= 2 tokens per 8 characters: enough, and fast to tokenize
-    ids = tokenizer(text, return_tensors="pt").input_ids[0]
-    return ids.repeat(math.ceil(tokens / ids.numel()))[:tokens]
-
-
-def bench_prompt(tokenizer, context: int, batch: int) -> torch.Tensor:
-    """``[batch, context]`` token ids: sequence b starts ``b * 997`` tokens into the essays."""
-    ids = text_ids(tokenizer, context + (batch - 1) * SEQUENCE_OFFSET)
-    return torch.stack([ids[b * SEQUENCE_OFFSET : b * SEQUENCE_OFFSET + context] for b in range(batch)])
-
 
 def method_options(method: str, chunk: int) -> dict:
     """``make_cache`` options of a benchmarked method: the ``step`` schedule in steps of ``chunk``
@@ -175,17 +149,6 @@ def method_options(method: str, chunk: int) -> dict:
     if any(part and part.schedule == "prefill" for part in (SELECTORS.get(selector), ABSORBERS.get(absorber))):
         return {"schedule": "prefill"}
     return {"chunk_size": chunk}
-
-
-def _make_cache(model, method: str, budget: int | None, options: dict):
-    """``DynamicCache`` for ``full``, else a kvmerge cache with ``options``."""
-    from transformers import DynamicCache
-
-    import kvmerge
-
-    if method == "full":
-        return DynamicCache(config=model.config)
-    return kvmerge.make_cache(model, method, budget, **options)
 
 
 def kv_accounting(cache, model) -> dict:
@@ -236,22 +199,22 @@ def measure_group(points: list[Point], report: Callable[[dict], None] | None = N
     first = points[0]
     torch.set_num_threads(first.threads)
     torch.manual_seed(0)
-    model, tokenizer = _model(first.model)
+    model, tokenizer = bench_model(first.model)
     caches, tokens, records = [], [], []
     with torch.inference_mode():
         _warm_up(model, tokenizer, points)
         for point in points:
             prompt = bench_prompt(tokenizer, point.context, point.batch)
-            cache = _make_cache(model, point.method, point.budget, method_options(point.method, point.chunk))
-            baseline = _release_memory()
+            cache = bench_cache(model, point.method, point.budget, method_options(point.method, point.chunk))
+            baseline = release_memory()
             started = time.perf_counter()
             for start in range(0, point.context, point.chunk):
                 step = prompt[:, start : start + point.chunk]
                 logits = model(step, **with_cache(model, cache), logits_to_keep=1).logits
             prefill_seconds = time.perf_counter() - started
-            peak = _peak_rss()
+            peak = peak_rss()
             del prompt
-            held = _release_memory() - baseline
+            held = release_memory() - baseline
             caches.append(cache)
             tokens.append(logits[:, -1:].argmax(-1))
             records.append(asdict(point) | {
@@ -278,7 +241,7 @@ def measure_group(points: list[Point], report: Callable[[dict], None] | None = N
                 "decode_ms_mean": 1000 * statistics.fmean(times),
                 "decode_ms_min": 1000 * min(times),
                 "tokens_per_second": point.batch / statistics.median(times),
-                "group_peak_rss": _peak_rss(),  # since the last prefill began, all the group's caches alive
+                "group_peak_rss": peak_rss(),  # since the last prefill began, all the group's caches alive
             }
             if point.profile:
                 record["profile"] = profile_decode(model, cache, token)
@@ -291,7 +254,7 @@ def _warm_up(model, tokenizer, points: list[Point]) -> None:
     batch, chunk = points[0].batch, min(points[0].chunk, 32)
     prompt = bench_prompt(tokenizer, 2 * chunk, batch)
     for method in dict.fromkeys(point.method for point in points):
-        cache = _make_cache(model, method, chunk // 2, method_options(method, chunk))
+        cache = bench_cache(model, method, chunk // 2, method_options(method, chunk))
         for start in range(0, prompt.shape[1], chunk):
             logits = model(prompt[:, start : start + chunk], **with_cache(model, cache), logits_to_keep=1).logits
         for _ in range(2):
@@ -352,9 +315,9 @@ def measure_stream(
     calls of ``segment`` tokens compressed in steps of ``chunk``; one row per segment (ms/token, RSS,
     KV bytes, mean NLL of the segment's next tokens). ``report`` is called with each row."""
     torch.set_num_threads(threads)
-    model, tokenizer = _model(model_name)
+    model, tokenizer = bench_model(model_name)
     ids = text_ids(tokenizer, tokens + 1).view(1, -1)
-    cache = _make_cache(model, method, budget, method_options(method, chunk))
+    cache = bench_cache(model, method, budget, method_options(method, chunk))
     rows = []
     gc.collect()
     with torch.inference_mode():
@@ -371,7 +334,7 @@ def measure_stream(
                     "chunk": chunk,
                     "tokens_seen": stop,
                     "ms_per_token": 1000 * elapsed / (stop - start),
-                    "rss": _rss(),
+                    "rss": rss(),
                     "kv_bytes": cache.kv_bytes(),
                     "stats_bytes": cache.stats_bytes(),
                     "nll": float(nll),
@@ -440,7 +403,7 @@ def compare_kvpress(
     import kvpress  # noqa: F401  (a clear ImportError before any work)
 
     torch.set_num_threads(threads)
-    model, tokenizer = _model(model_name)
+    model, tokenizer = bench_model(model_name)
     ids = text_ids(tokenizer, context + tokens + 1).view(1, -1)
     ratio = 1 - (budget + 0.5) / context  # kvpress keeps int(context * (1 - ratio)) = budget
     pairs = _kvpress_pairs()
@@ -451,7 +414,7 @@ def compare_kvpress(
             (
                 "kvmerge",
                 name,
-                lambda m=method, o=options: _run_scored(model, ids, context, _make_cache(model, m, budget, o), None),
+                lambda m=method, o=options: _run_scored(model, ids, context, bench_cache(model, m, budget, o), None),
             )
         )
         runs.append(("kvpress", name, lambda f=factory: _run_scored(model, ids, context, None, f(ratio, budget))))
@@ -566,6 +529,21 @@ def run_bench(config: BenchConfig, out_dir: str | Path, *, isolate: bool = True,
             file=sys.stderr,
         ) as stream_bar:
             stream = run("stream", args, lambda row: stream_bar.update(row["tokens_seen"] - stream_bar.n))
+    prefill = []
+    for context in config.prefill_contexts:
+        args = {
+            "model_name": config.model,
+            "context": context,
+            "methods": list(config.methods),
+            "budget": config.budget_for(context),
+            "repeats": config.prefill_repeats,
+            "chunk_size": config.prefill_chunk,
+            "threads": config.threads,
+        }
+        with tqdm(
+            total=config.prefill_repeats, desc=f"prefill L={context}", disable=not progress, file=sys.stderr
+        ) as prefill_bar:
+            prefill += run("prefill", args, lambda row: prefill_bar.update(1))
     kvpress_records = []
     if config.compare_kvpress:
         args = {
@@ -588,6 +566,7 @@ def run_bench(config: BenchConfig, out_dir: str | Path, *, isolate: bool = True,
         ratios=ratio_rows,
         stream=stream,
         kvpress=kvpress_records,
+        prefill=prefill,
         targets=targets(records, ratio_rows, stream, config.budget),
     )
 
@@ -596,6 +575,7 @@ _KINDS: dict[str, Callable] = {
     "group": lambda args, report: measure_group([Point(**point) for point in args], report),
     "stream": lambda args, report: measure_stream(**args, report=report),
     "kvpress": lambda args, report: compare_kvpress(**args),
+    "prefill": lambda args, report: measure_prefill(**args, report=report),
 }
 
 
@@ -841,6 +821,8 @@ def render(results: dict, out_dir: Path) -> str:
             "tokens seen",
             "MiB",
         )
+    if results.get("prefill"):
+        parts += render_prefill(results["prefill"])
     if results.get("kvpress"):
         parts += [
             "## kvpress vs kvmerge (same model, text, kept budget)",
@@ -924,48 +906,6 @@ def _cell(value) -> str:
 
 
 # -- memory ----------------------------------------------------------------------------------------
-
-
-def _status(field_name: str) -> int:
-    with open("/proc/self/status") as status:
-        for line in status:
-            if line.startswith(field_name + ":"):
-                return int(line.split()[1]) * 1024
-    return 0
-
-
-def _rss() -> int:
-    """Resident set size now (bytes; 0 where ``/proc`` is missing)."""
-    with contextlib.suppress(OSError):
-        return _status("VmRSS")
-    return 0
-
-
-def _peak_rss() -> int:
-    """Peak resident set size since the last :func:`_reset_peak_rss` (bytes)."""
-    with contextlib.suppress(OSError):
-        return _status("VmHWM")
-    import resource
-
-    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024
-
-
-def _release_memory() -> int:
-    """Collect garbage, hand freed heap pages back to the OS (glibc ``malloc_trim``), reset the peak-RSS
-    mark; returns the RSS, which is then what the process really holds."""
-    gc.collect()
-    with contextlib.suppress(OSError, AttributeError):
-        import ctypes
-
-        ctypes.CDLL("libc.so.6").malloc_trim(0)
-    return _reset_peak_rss()
-
-
-def _reset_peak_rss() -> int:
-    """Reset the kernel's peak-RSS mark to the current RSS (Linux ``clear_refs``); returns the RSS."""
-    with contextlib.suppress(OSError), open("/proc/self/clear_refs", "w") as refs:
-        refs.write("5")
-    return _rss()
 
 
 # -- command line ----------------------------------------------------------------------------------
@@ -1090,6 +1030,23 @@ def add_bench_command(subparsers: argparse._SubParsersAction) -> argparse.Argume
         help="continuation tokens scored in the kvpress comparison (64)",
     )
     parser.add_argument(
+        "--prefill",
+        type=_count_list,
+        default=[],
+        metavar="CONTEXTS",
+        help="also time the prefill of these prompt lengths (e.g. 1024,4096,8192) in one forward call, full "
+        "cache against each method under the prefill and step schedules, --prefill-repeats times round-robin",
+    )
+    parser.add_argument(
+        "--prefill-repeats", type=positive_int, default=defaults.prefill_repeats, help="repeats of the prefill grid (5)"
+    )
+    parser.add_argument(
+        "--prefill-chunk",
+        type=positive_int,
+        default=defaults.prefill_chunk,
+        help="tokens per compression step of the prefill grid's step schedule (32, the library's default)",
+    )
+    parser.add_argument(
         "--in-process",
         action="store_true",
         help="measure every point in this process (faster start; peak RSS is then not per point)",
@@ -1138,10 +1095,15 @@ def config_from_args(args: argparse.Namespace, parser: argparse.ArgumentParser) 
         kvpress_context=args.kvpress_context,
         kvpress_tokens=args.kvpress_tokens,
         points_grid=not args.no_points,
+        prefill_contexts=tuple(args.prefill),
+        prefill_repeats=args.prefill_repeats,
+        prefill_chunk=args.prefill_chunk,
     )
-    if args.no_points and not (config.stream_tokens or config.compare_kvpress):
-        parser.error("--no-points leaves nothing to run: add --stream-tokens N and/or --compare-kvpress")
-    for context in config.contexts if config.points_grid else ():
+    if args.no_points and not (config.stream_tokens or config.compare_kvpress or config.prefill_contexts):
+        parser.error(
+            "--no-points leaves nothing to run: add --stream-tokens N, --prefill CONTEXTS and/or --compare-kvpress"
+        )
+    for context in (config.contexts if config.points_grid else ()) + config.prefill_contexts:
         kept = config.budget_for(context)
         if kept >= context:
             parser.error(
