@@ -15,6 +15,7 @@ import torch
 import kvmerge
 from kvmerge.eval import bench, results
 from tests.conftest import VOCAB, tiny_model
+from tests.test_eval_suite import DATA
 
 # the tiny Llama of tests.test_eval: 2 layers, 2 KV heads of dimension 64 / 4 = 16, float32
 TINY_BYTES_PER_TOKEN = 2 * 2 * 16 * (4 + 4)
@@ -129,6 +130,37 @@ def test_prefill_grid(tiny_dir, tmp_path, capsys):
         full = next(r for r in prefill if r["method"] == "full" and r["context"] == record["context"])
         assert record["vs_full"] == pytest.approx(record["seconds_median"] / full["seconds_median"])
     assert 0 < sum(sum(r["seconds"]) for r in prefill) < elapsed
+
+
+@pytest.mark.skipif(not DATA.is_dir(), reason=f"no evaluation data at {DATA}")
+def test_lm_eval_throughput(tiny_dir, tmp_path, capsys):
+    # a budget no sequence reaches: the kvmerge model must score every request as lm-eval's hf model does
+    argv = ["--model", str(tiny_dir), "--no-points", "--methods", "h2o,streaming+cam", "--budget", "4096",
+            "--lm-eval", "kvmerge_copa", "--lm-eval-limit", "4", "--lm-eval-batches", "1,3", "--in-process",
+            "--no-progress", "--out", str(tmp_path)]  # fmt: skip
+    assert run_cli(argv) == 0
+    assert "## Evaluation throughput: kvmerge_copa, budget 4096" in capsys.readouterr().out
+    records = json.loads((tmp_path / "results.json").read_text())["throughput"]
+    assert [(r["library"], r["method"], r["batch_size"]) for r in records] == [
+        (library, method, batch)
+        for batch in (1, 3)
+        for library, method in [("hf", "full"), ("kvmerge", "h2o"), ("kvmerge", "streaming+cam")]
+    ]
+    for record in records:
+        assert record["documents"] == 4 and record["requests"] == 8  # COPA: two choices per document
+        assert record["requests_per_second"] == pytest.approx(8 / record["seconds"])
+        assert record["acc"] == records[0]["acc"]
+        hf = next(r for r in records if r["library"] == "hf" and r["batch_size"] == record["batch_size"])
+        assert record["vs_hf"] == pytest.approx(record["seconds"] / hf["seconds"])
+
+
+def test_lm_eval_throughput_refuses_bad_input(tmp_path, capsys):
+    with pytest.raises(SystemExit):
+        run_cli(["--no-points", "--lm-eval", "kvmerge_nonsense", "--out", str(tmp_path / "a")])
+    assert "unknown task 'kvmerge_nonsense'" in capsys.readouterr().err
+    with pytest.raises(SystemExit):
+        run_cli(["--no-points", "--methods", "snapkv", "--lm-eval", "kvmerge_copa", "--out", str(tmp_path / "b")])
+    assert "--lm-eval with snapkv" in capsys.readouterr().err
 
 
 def test_one_group_in_its_own_process(tiny_dir):

@@ -38,6 +38,7 @@ import statistics
 import subprocess
 import sys
 import time
+import warnings
 from collections.abc import Callable
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
@@ -49,6 +50,7 @@ from kvmerge.cli import positive_int
 from kvmerge.compat import with_cache
 from kvmerge.eval.measure import bench_cache, bench_model, bench_prompt, peak_rss, release_memory, rss, text_ids
 from kvmerge.eval.prefill_grid import measure_prefill, render_prefill
+from kvmerge.eval.throughput import measure_throughput, render_throughput
 
 # Targets of issue 5 (ratios measured in one run): name -> (threshold, comparison).
 OVERHEAD_LIMIT = 1.10  # decode ms/token at any stream length <= 1.10 x full at context B
@@ -100,11 +102,15 @@ class BenchConfig:
     stream_method: str = "streaming"
     compare_kvpress: bool = False
     points_grid: bool = True  # False: only the stream and/or the kvpress comparison
-    kvpress_context: int = 1024
+    kvpress_contexts: tuple[int, ...] = (1024,)
     kvpress_tokens: int = 64
     prefill_contexts: tuple[int, ...] = ()  # the prefill grid (one call per prompt), empty: none
     prefill_repeats: int = 5
     prefill_chunk: int = 32  # compression step of the prefill grid's step schedule
+    lm_eval_task: str | None = None  # evaluation throughput on this task, against lm-eval's hf model
+    lm_eval_limit: int | None = None
+    lm_eval_batches: tuple[int, ...] = (8,)
+    lm_eval_chunk: int = 1
     extra: dict = field(default_factory=dict)
 
     def budget_for(self, context: int) -> int:
@@ -431,11 +437,14 @@ def compare_kvpress(
 def _cache_position_kwarg(model):
     """Pass ``cache_position`` to every attention layer, as transformers < 5.3 did and kvpress 0.5 reads
     (its hooks test ``cache_position[-1] + 1 == q_len`` to tell prefill from decoding): the cache's
-    length before the call plus ``arange(q_len)``."""
+    length before the call plus ``arange(q_len)``; and the cache as ``past_key_values``, the name it had
+    before transformers 5.24 and that kvpress 0.5 reads."""
 
     def add(module, args, kwargs):
+        cache = kwargs.get("cache", kwargs.get("past_key_values"))  # its name by transformers version
+        if cache is not None:
+            kwargs.setdefault("past_key_values", cache)  # kvpress 0.5's hooks read this name
         if "cache_position" not in kwargs:
-            cache = kwargs.get("cache", kwargs.get("past_key_values"))  # its name by transformers version
             length = kwargs["hidden_states"].shape[1]
             past = cache.get_seq_length(module.layer_idx) if cache is not None else 0
             kwargs["cache_position"] = torch.arange(past, past + length, device=kwargs["hidden_states"].device)
@@ -443,7 +452,9 @@ def _cache_position_kwarg(model):
 
     hooks = [layer.self_attn.register_forward_pre_hook(add, with_kwargs=True) for layer in model.model.layers]
     try:
-        yield
+        with warnings.catch_warnings():  # transformers warns that both names are given: both are the cache
+            warnings.filterwarnings("ignore", message="Both `past_key_values` and `cache` are set")
+            yield
     finally:
         for hook in hooks:
             hook.remove()
@@ -544,18 +555,33 @@ def run_bench(config: BenchConfig, out_dir: str | Path, *, isolate: bool = True,
             total=config.prefill_repeats, desc=f"prefill L={context}", disable=not progress, file=sys.stderr
         ) as prefill_bar:
             prefill += run("prefill", args, lambda row: prefill_bar.update(1))
-    kvpress_records = []
-    if config.compare_kvpress:
+    throughput = []
+    if config.lm_eval_task:
         args = {
             "model_name": config.model,
-            "context": config.kvpress_context,
-            "budget": config.budget_for(config.kvpress_context),
+            "task": config.lm_eval_task,
+            "methods": list(config.methods),
+            "budget": config.budget,
+            "limit": config.lm_eval_limit,
+            "batch_sizes": config.lm_eval_batches,
+            "chunk": config.lm_eval_chunk,
+            "threads": config.threads,
+        }
+        runs = len(config.lm_eval_batches) * (1 + len(config.methods))
+        with tqdm(total=runs, desc=f"lm-eval {config.lm_eval_task}", disable=not progress, file=sys.stderr) as bar:
+            throughput = run("throughput", args, lambda row: bar.update(1))
+    kvpress_records = []
+    for context in config.kvpress_contexts if config.compare_kvpress else ():
+        args = {
+            "model_name": config.model,
+            "context": context,
+            "budget": config.budget_for(context),
             "tokens": config.kvpress_tokens,
             "threads": config.threads,
         }
         if progress:
-            print("kvpress comparison ...", file=sys.stderr)
-        kvpress_records = run("kvpress", args)
+            print(f"kvpress comparison, L={context} ...", file=sys.stderr)
+        kvpress_records += run("kvpress", args)
     ratio_rows = ratios(records)
     settings = asdict(config) | {"isolate": isolate, "kvpress": kvpress_version(), "cpu_count": os.cpu_count()}
     return write_results(
@@ -567,6 +593,7 @@ def run_bench(config: BenchConfig, out_dir: str | Path, *, isolate: bool = True,
         stream=stream,
         kvpress=kvpress_records,
         prefill=prefill,
+        throughput=throughput,
         targets=targets(records, ratio_rows, stream, config.budget),
     )
 
@@ -576,6 +603,7 @@ _KINDS: dict[str, Callable] = {
     "stream": lambda args, report: measure_stream(**args, report=report),
     "kvpress": lambda args, report: compare_kvpress(**args),
     "prefill": lambda args, report: measure_prefill(**args, report=report),
+    "throughput": lambda args, report: measure_throughput(**args, report=report),
 }
 
 
@@ -823,6 +851,8 @@ def render(results: dict, out_dir: Path) -> str:
         )
     if results.get("prefill"):
         parts += render_prefill(results["prefill"])
+    if results.get("throughput"):
+        parts += render_throughput(results["throughput"])
     if results.get("kvpress"):
         parts += [
             "## kvpress vs kvmerge (same model, text, kept budget)",
@@ -916,7 +946,7 @@ examples:
   kvmerge bench --contexts 512,2048 --batches 1 --methods streaming,streaming+cam --steps 16
   kvmerge bench --contexts 8192 --batches 1 --budget 0.2 --profile --out runs/bench-8k
   kvmerge bench --no-points --stream-tokens 100000 --stream-budget 1024 --out runs/stream
-  PYTHONPATH=DIR kvmerge bench --no-points --compare-kvpress --kvpress-context 2048
+  PYTHONPATH=DIR kvmerge bench --no-points --compare-kvpress --kvpress-context 1024,4096,8192
 
 what is measured (ratios are taken between points measured side by side):
   for each context L and batch, one fresh process prefills, one point after the other, the full
@@ -1019,9 +1049,9 @@ def add_bench_command(subparsers: argparse._SubParsersAction) -> argparse.Argume
     )
     parser.add_argument(
         "--kvpress-context",
-        type=positive_int,
-        default=defaults.kvpress_context,
-        help="prompt tokens of the kvpress comparison (1024)",
+        type=_count_list,
+        default=list(defaults.kvpress_contexts),
+        help="comma list of prompt lengths of the kvpress comparison (1024)",
     )
     parser.add_argument(
         "--kvpress-tokens",
@@ -1045,6 +1075,22 @@ def add_bench_command(subparsers: argparse._SubParsersAction) -> argparse.Argume
         type=positive_int,
         default=defaults.prefill_chunk,
         help="tokens per compression step of the prefill grid's step schedule (32, the library's default)",
+    )
+    parser.add_argument(
+        "--lm-eval",
+        metavar="TASK",
+        help="also time one of kvmerge's teacher-forced lm-eval tasks (e.g. kvmerge_copa) through the kvmerge "
+        "model with each method against lm-eval's own hf model with a full cache, same requests and batch size",
+    )
+    parser.add_argument("--lm-eval-limit", type=positive_int, default=None, help="documents of --lm-eval's task (all)")
+    parser.add_argument(
+        "--lm-eval-batches", type=_count_list, default=[8], help="comma list of --lm-eval batch sizes (8)"
+    )
+    parser.add_argument(
+        "--lm-eval-chunk",
+        type=positive_int,
+        default=1,
+        help="tokens per compression step of --lm-eval's kvmerge runs (1: token by token, the papers')",
     )
     parser.add_argument(
         "--in-process",
@@ -1092,17 +1138,26 @@ def config_from_args(args: argparse.Namespace, parser: argparse.ArgumentParser) 
         stream_segment=args.stream_segment,
         stream_method=args.stream_method[0],
         compare_kvpress=args.compare_kvpress,
-        kvpress_context=args.kvpress_context,
+        kvpress_contexts=tuple(args.kvpress_context),
         kvpress_tokens=args.kvpress_tokens,
         points_grid=not args.no_points,
         prefill_contexts=tuple(args.prefill),
         prefill_repeats=args.prefill_repeats,
         prefill_chunk=args.prefill_chunk,
+        lm_eval_task=args.lm_eval,
+        lm_eval_limit=args.lm_eval_limit,
+        lm_eval_batches=tuple(args.lm_eval_batches),
+        lm_eval_chunk=args.lm_eval_chunk,
     )
-    if args.no_points and not (config.stream_tokens or config.compare_kvpress or config.prefill_contexts):
+    if args.no_points and not (
+        config.stream_tokens or config.compare_kvpress or config.prefill_contexts or config.lm_eval_task
+    ):
         parser.error(
-            "--no-points leaves nothing to run: add --stream-tokens N, --prefill CONTEXTS and/or --compare-kvpress"
+            "--no-points leaves nothing to run: add --stream-tokens N, --prefill CONTEXTS, --lm-eval TASK "
+            "and/or --compare-kvpress"
         )
+    if config.lm_eval_task:
+        _check_lm_eval_task(config, parser)
     for context in (config.contexts if config.points_grid else ()) + config.prefill_contexts:
         kept = config.budget_for(context)
         if kept >= context:
@@ -1131,8 +1186,8 @@ def config_from_args(args: argparse.Namespace, parser: argparse.ArgumentParser) 
                 "transformers<5.3 (kvmerge uses transformers 5.x >= 5.23), so install it apart: pip install "
                 "--no-deps --target DIR kvpress cachetools fire termcolor peft, then run with PYTHONPATH=DIR"
             )
-        if config.budget_for(config.kvpress_context) >= config.kvpress_context:
-            parser.error("--budget keeps the whole --kvpress-context: nothing to compare")
+        if any(config.budget_for(context) >= context for context in config.kvpress_contexts):
+            parser.error("--budget keeps a whole --kvpress-context: nothing to compare")
     if args.out.exists() and not args.out.is_dir():
         parser.error(f"--out {args.out} exists and is not a folder")
     return config
@@ -1189,6 +1244,23 @@ def _method_list(text: str) -> list[str]:
     if unknown or not methods:
         raise argparse.ArgumentTypeError(f"unknown method(s) {unknown or text!r}; see 'kvmerge methods'")
     return methods
+
+
+def _check_lm_eval_task(config: BenchConfig, parser: argparse.ArgumentParser) -> None:
+    """A clear error for an --lm-eval task that is not one of kvmerge's (local data, no download), or a method
+    that cannot be scored teacher-forced."""
+    import kvmerge
+    from kvmerge.eval import harness
+    from kvmerge.eval.perplexity import require_step_schedule
+
+    known = harness.task_manager(include_defaults=False).all_tasks
+    if config.lm_eval_task not in known:
+        parser.error(f"--lm-eval: unknown task {config.lm_eval_task!r}; one of {', '.join(sorted(known))}")
+    for method in config.methods:
+        try:
+            require_step_schedule(kvmerge.make_method(method, config.budget))
+        except ValueError as error:
+            parser.error(f"--lm-eval with {method}: {error}")
 
 
 def _check_model(name: str, parser: argparse.ArgumentParser) -> str:
