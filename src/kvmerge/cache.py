@@ -487,20 +487,23 @@ class KVMergeLayer(CacheLayerMixin):
         self.seen += rows
         self.since_compression += rows
 
-    def _step_mask(self, valid: torch.Tensor) -> torch.Tensor | None:
-        """Which entries each of the step's rows sees ``[batch, kv_heads, r, n]`` (one head,
-        broadcast, when no slot is empty): the valid kept entries, and the step's valid tokens causally.
-        A row always sees itself, so padding rows stay finite (nothing valid ever sees padding).
-        ``None`` when a single row sees everything."""
+    def _step_mask(self, valid: torch.Tensor, start: int = 0, stop: int | None = None) -> torch.Tensor | None:
+        """Which entries the step's rows ``start:stop`` see ``[batch, kv_heads, stop - start, m]`` (one head,
+        broadcast, when no slot is empty), over the first ``m`` entries, those before the step's token
+        ``stop``: the valid kept entries, and the step's valid tokens causally. A row always sees itself,
+        so padding rows stay finite (nothing valid ever sees padding). ``None`` when a single row sees
+        everything. ``valid`` ``[batch, r]`` says which of the step's ``r`` tokens are real."""
         rows, n = valid.shape[-1], self.index.shape[-1]
+        stop = rows if stop is None else stop
         if rows == 1 and not self.has_empty:
             return None
-        causal = torch.ones(rows, rows, dtype=torch.bool, device=self.device).tril()
-        new = (causal & valid.view(-1, 1, 1, rows)) | torch.eye(rows, dtype=torch.bool, device=self.device)
+        query = torch.arange(start, stop, device=self.device).view(-1, 1)
+        token = torch.arange(stop, device=self.device)
+        new = ((token <= query) & valid[:, None, None, :stop]) | (token == query)  # [batch, 1, stop - start, stop]
         if self.has_empty:
-            old = (self.index[..., : n - rows] >= 0).unsqueeze(2).expand(-1, -1, rows, -1)
+            old = (self.index[..., : n - rows] >= 0).unsqueeze(2).expand(-1, -1, stop - start, -1)
         else:
-            old = self._true(1, 1, 1, 1).expand(new.shape[0], 1, rows, n - rows)
+            old = self._true(1, 1, 1, 1).expand(new.shape[0], 1, stop - start, n - rows)
         return torch.cat([old, new.expand(-1, old.shape[1], -1, -1)], dim=-1)
 
     def _attend_step(self, query: torch.Tensor, valid: torch.Tensor, scaling: float) -> torch.Tensor:
@@ -525,17 +528,16 @@ class KVMergeLayer(CacheLayerMixin):
         batch, q_heads, rows, dim = query.shape
         heads = self.keys.shape[1]
         group = q_heads // heads
-        mask = self._step_mask(valid)
-        if mask is None:
+        if rows == 1 and not self.has_empty:
             # One query row that sees everything (decoding): a KV group's query heads are rows of one
             # attention over their KV head, cheaper on CPU than SDPA's GQA.
             grouped = query.reshape(batch, heads, group, dim)
             out = scaled_dot_product_attention(grouped, self.keys, self.values, scale=scaling)
             return out.reshape(batch, q_heads, 1, dim).transpose(1, 2)
-        if self.keys.shape[-2] == rows and not self.has_empty:  # the step is all the layer holds, unpadded
-            mask, causal = None, True
-        else:
-            mask, causal = (mask.repeat_interleave(group, dim=1) if mask.shape[1] > 1 else mask), False
+        mask, causal = None, True  # the step is all the layer holds, unpadded: no mask to build
+        if self.keys.shape[-2] != rows or self.has_empty:
+            mask, causal = self._step_mask(valid), False
+            mask = mask.repeat_interleave(group, dim=1) if mask.shape[1] > 1 else mask
         out = scaled_dot_product_attention(
             query, self.keys, self.values, attn_mask=mask, is_causal=causal, scale=scaling, enable_gqa=group > 1
         )
@@ -550,7 +552,6 @@ class KVMergeLayer(CacheLayerMixin):
 
         Rows go in blocks, each over the entries it can see (the kept ones and the step's tokens up to
         its last row: a causal prompt costs half the square), computed in float32."""
-        mask = self._step_mask(valid)
         batch, q_heads, rows, dim = query.shape
         n, heads = self.keys.shape[-2], self.keys.shape[1]
         group = q_heads // heads
@@ -565,10 +566,10 @@ class KVMergeLayer(CacheLayerMixin):
             q = _cast(_span(grouped, start, stop, dim=3), torch.float32).reshape(batch, heads, -1, dim)
             scores = torch.matmul(q * scaling, _span(keys, 0, seen, dim=3))
             scores = scores.view(batch, heads, group, stop - start, seen)
-            if mask is None:
+            block_mask = self._step_mask(valid, start, stop)  # [b, h or 1, stop - start, seen]
+            if block_mask is None:
                 visible = self._true(1, 1, 1, seen)
             else:
-                block_mask = mask[:, :, start:stop, :seen]
                 # no empty slot, no padding: the rows see every entry before the block's first token
                 hidden = 0 if self.has_empty else n - rows + start
                 scores[..., hidden:].masked_fill_(~block_mask[..., hidden:].unsqueeze(2), float("-inf"))
