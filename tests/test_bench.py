@@ -163,6 +163,18 @@ def test_lm_eval_throughput_refuses_bad_input(tmp_path, capsys):
     assert "--lm-eval with snapkv" in capsys.readouterr().err
 
 
+def test_mmap_threshold_reaches_the_measuring_process(tiny_dir, tmp_path, monkeypatch, capsys):
+    with pytest.raises(SystemExit):
+        run_cli(["--mmap-threshold", "4194304", "--in-process", "--out", str(tmp_path / "a")])
+    assert "drop --in-process" in capsys.readouterr().err
+    seen = []
+    monkeypatch.setattr(bench, "_in_subprocess", lambda kind, args, report=None, env=None: seen.append(env) or [])
+    argv = ["--model", str(tiny_dir), "--no-points", "--prefill", "40", "--methods", "streaming",
+            "--mmap-threshold", "4194304", "--no-progress", "--out", str(tmp_path / "b")]  # fmt: skip
+    assert run_cli(argv) == 0  # the stub measured nothing
+    assert seen == [{"MALLOC_MMAP_THRESHOLD_": "4194304", "MALLOC_TRIM_THRESHOLD_": "4194304"}]
+
+
 def test_one_group_in_its_own_process(tiny_dir):
     config = bench.BenchConfig(methods=("h2o+cam",), contexts=(40,), batches=(2,), budget=10, steps=2, chunk=8,
                                model=str(tiny_dir))  # fmt: skip

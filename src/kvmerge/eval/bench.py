@@ -27,6 +27,7 @@ from __future__ import annotations
 
 import argparse
 import contextlib
+import functools
 import gc
 import importlib.metadata
 import importlib.util
@@ -111,6 +112,7 @@ class BenchConfig:
     lm_eval_limit: int | None = None
     lm_eval_batches: tuple[int, ...] = (8,)
     lm_eval_chunk: int = 1
+    mmap_threshold: int | None = None  # glibc's fixed mmap threshold in the measuring processes (bytes)
     extra: dict = field(default_factory=dict)
 
     def budget_for(self, context: int) -> int:
@@ -516,6 +518,8 @@ def run_bench(config: BenchConfig, out_dir: str | Path, *, isolate: bool = True,
     from kvmerge.eval.results import write_results
 
     run = _in_subprocess if isolate else _in_process
+    if config.mmap_threshold:
+        run = functools.partial(_in_subprocess, env=_malloc_env(config.mmap_threshold))
     records = []
     with tqdm(total=len(config.points()), desc="bench", disable=not progress, file=sys.stderr) as bar:
         for group in config.groups():
@@ -611,11 +615,18 @@ def _in_process(kind: str, args: dict, report: Callable[[dict], None] | None = N
     return _KINDS[kind](args, report)
 
 
-def _in_subprocess(kind: str, args: dict, report: Callable[[dict], None] | None = None):
-    """Run a measurement in a fresh ``python -m kvmerge.eval.bench``: its JSON lines are progress rows,
-    then ``{"result": ...}``."""
+def _malloc_env(threshold: int | None) -> dict[str, str]:
+    """glibc's settings for a fixed mmap threshold of ``threshold`` bytes (none: its dynamic default)."""
+    return {"MALLOC_MMAP_THRESHOLD_": str(threshold), "MALLOC_TRIM_THRESHOLD_": str(threshold)} if threshold else {}
+
+
+def _in_subprocess(
+    kind: str, args: dict, report: Callable[[dict], None] | None = None, env: dict[str, str] | None = None
+):
+    """Run a measurement in a fresh ``python -m kvmerge.eval.bench`` (``env``: variables added to this
+    process's): its JSON lines are progress rows, then ``{"result": ...}``."""
     command = [sys.executable, "-m", "kvmerge.eval.bench", json.dumps({"kind": kind, "args": args})]
-    env = os.environ | {"TQDM_DISABLE": "1", "TRANSFORMERS_VERBOSITY": "error"}
+    env = os.environ | {"TQDM_DISABLE": "1", "TRANSFORMERS_VERBOSITY": "error"} | (env or {})
     with subprocess.Popen(command, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, env=env) as child:
         result = None
         for line in child.stdout:
@@ -1093,6 +1104,14 @@ def add_bench_command(subparsers: argparse._SubParsersAction) -> argparse.Argume
         help="tokens per compression step of --lm-eval's kvmerge runs (1: token by token, the papers')",
     )
     parser.add_argument(
+        "--mmap-threshold",
+        type=positive_int,
+        metavar="BYTES",
+        help="glibc's mmap threshold, fixed, in the measuring processes (MALLOC_MMAP_THRESHOLD_ and "
+        "MALLOC_TRIM_THRESHOLD_): freed blocks of at least BYTES go back to the OS at once, so peak RSS no "
+        "longer depends on what the allocator kept from earlier runs (e.g. 4194304; costs prefill time)",
+    )
+    parser.add_argument(
         "--in-process",
         action="store_true",
         help="measure every point in this process (faster start; peak RSS is then not per point)",
@@ -1148,7 +1167,12 @@ def config_from_args(args: argparse.Namespace, parser: argparse.ArgumentParser) 
         lm_eval_limit=args.lm_eval_limit,
         lm_eval_batches=tuple(args.lm_eval_batches),
         lm_eval_chunk=args.lm_eval_chunk,
+        mmap_threshold=args.mmap_threshold,
     )
+    if config.mmap_threshold and args.in_process:
+        parser.error(
+            "--mmap-threshold applies to the measuring subprocesses (glibc reads it at start): drop --in-process"
+        )
     if args.no_points and not (
         config.stream_tokens or config.compare_kvpress or config.prefill_contexts or config.lm_eval_task
     ):
