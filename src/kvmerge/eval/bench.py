@@ -26,11 +26,8 @@ between points of the same group, measured side by side.
 from __future__ import annotations
 
 import argparse
-import contextlib
 import functools
 import gc
-import importlib.metadata
-import importlib.util
 import itertools
 import json
 import math
@@ -39,19 +36,18 @@ import statistics
 import subprocess
 import sys
 import time
-import warnings
 from collections.abc import Callable
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 
 import torch
 
-from kvmerge.absorbers.cam import PAPER_RULE
 from kvmerge.cli import positive_int
 from kvmerge.compat import with_cache
+from kvmerge.eval.kvpress_compare import compare_kvpress, kvpress_version
 from kvmerge.eval.measure import bench_cache, bench_model, bench_prompt, peak_rss, release_memory, rss, text_ids
-from kvmerge.eval.prefill_grid import measure_prefill, render_prefill
-from kvmerge.eval.throughput import measure_throughput, render_throughput
+from kvmerge.eval.prefill_grid import add_prefill_arguments, measure_prefill, render_prefill
+from kvmerge.eval.throughput import add_lm_eval_arguments, check_lm_eval, measure_throughput, render_throughput
 
 # Targets of issue 5 (ratios measured in one run): name -> (threshold, comparison).
 OVERHEAD_LIMIT = 1.10  # decode ms/token at any stream length <= 1.10 x full at context B
@@ -352,159 +348,6 @@ def measure_stream(
             if report:
                 report(rows[-1])
     return rows
-
-
-# kvpress comparison: name -> (kvmerge method, kvmerge options, kvpress press factory(compression_ratio, kept))
-def _kvpress_pairs() -> dict[str, tuple[str, dict, Callable]]:
-    import kvpress
-
-    return {
-        "streaming": (
-            "streaming",
-            {"schedule": "prefill"},
-            lambda ratio, kept: kvpress.StreamingLLMPress(compression_ratio=ratio, n_sink=4),
-        ),
-        "tova": ("tova", {"schedule": "prefill"}, lambda ratio, kept: kvpress.TOVAPress(compression_ratio=ratio)),
-        "snapkv": (
-            "snapkv",
-            {"schedule": "prefill", "window": 32, "kernel": 5},
-            lambda ratio, kept: kvpress.SnapKVPress(compression_ratio=ratio, window_size=32, kernel_size=5),
-        ),
-        "cam": (
-            "streaming+cam",
-            # kvpress's CAMPress is Eq. 14 as printed: compare the same rule, not kvmerge's default
-            {"schedule": "prefill", "decode_interval": 1, "merge_window": 16, **PAPER_RULE},
-            lambda ratio, kept: kvpress.CAMPress(
-                base_press=kvpress.StreamingLLMPress(),
-                compression_interval=1,
-                target_size=kept,
-                merge_budget=16,
-                hidden_states_buffer_size=0,
-            ),
-        ),
-    }
-
-
-def kvpress_version() -> str | None:
-    """The installed kvpress version, or ``None`` when it cannot be imported."""
-    if importlib.util.find_spec("kvpress") is None:
-        return None
-    try:
-        return importlib.metadata.version("kvpress")
-    except importlib.metadata.PackageNotFoundError:
-        return "unknown"
-
-
-def compare_kvpress(
-    model_name: str, context: int, budget: int, tokens: int, threads: int = 1, presses: tuple[str, ...] | None = None
-) -> list[dict]:
-    """The presses kvpress and kvmerge share, on the same model, text and kept budget.
-
-    The first ``context`` tokens of the essays are the prompt; ``budget`` entries per KV head are kept
-    (kvpress: ``compression_ratio`` chosen so that it keeps exactly ``budget``); then the next
-    ``tokens`` tokens are fed one at a time (teacher forcing, true positions) and scored. Both sides
-    compress once after the prompt (kvmerge's ``prefill`` schedule, kvpress's prefill presses); CaM
-    compresses after every new token on both sides (kvpress's ``CAMPress`` with
-    ``compression_interval=1`` over ``StreamingLLMPress``; kvmerge's ``streaming+cam`` with
-    ``decode_interval=1``). The full cache is the reference.
-    """
-    import kvpress  # noqa: F401  (a clear ImportError before any work)
-
-    torch.set_num_threads(threads)
-    model, tokenizer = bench_model(model_name)
-    ids = text_ids(tokenizer, context + tokens + 1).view(1, -1)
-    ratio = 1 - (budget + 0.5) / context  # kvpress keeps int(context * (1 - ratio)) = budget
-    pairs = _kvpress_pairs()
-    runs: list[tuple[str, str, Callable]] = [("full", "full", lambda: _run_scored(model, ids, context, None, None))]
-    for name in presses or tuple(pairs):
-        method, options, factory = pairs[name]
-        runs.append(
-            (
-                "kvmerge",
-                name,
-                lambda m=method, o=options: _run_scored(model, ids, context, bench_cache(model, m, budget, o), None),
-            )
-        )
-        runs.append(("kvpress", name, lambda f=factory: _run_scored(model, ids, context, None, f(ratio, budget))))
-    records = []
-    for library, name, run in runs:
-        torch.manual_seed(0)
-        records.append(
-            {"library": library, "press": name, "context": context, "budget": budget, "tokens": tokens, **run()}
-        )
-    return records
-
-
-@contextlib.contextmanager
-def _cache_position_kwarg(model):
-    """Pass ``cache_position`` to every attention layer, as transformers < 5.3 did and kvpress 0.5 reads
-    (its hooks test ``cache_position[-1] + 1 == q_len`` to tell prefill from decoding): the cache's
-    length before the call plus ``arange(q_len)``; and the cache as ``past_key_values``, the name it had
-    before transformers 5.24 and that kvpress 0.5 reads."""
-
-    def add(module, args, kwargs):
-        cache = kwargs.get("cache", kwargs.get("past_key_values"))  # its name by transformers version
-        if cache is not None:
-            kwargs.setdefault("past_key_values", cache)  # kvpress 0.5's hooks read this name
-        if "cache_position" not in kwargs:
-            length = kwargs["hidden_states"].shape[1]
-            past = cache.get_seq_length(module.layer_idx) if cache is not None else 0
-            kwargs["cache_position"] = torch.arange(past, past + length, device=kwargs["hidden_states"].device)
-        return args, kwargs
-
-    hooks = [layer.self_attn.register_forward_pre_hook(add, with_kwargs=True) for layer in model.model.layers]
-    try:
-        with warnings.catch_warnings():  # transformers warns that both names are given: both are the cache
-            warnings.filterwarnings("ignore", message="Both `past_key_values` and `cache` are set")
-            yield
-    finally:
-        for hook in hooks:
-            hook.remove()
-
-
-def _is_decoding_press(press) -> bool:
-    """Whether a kvpress press compresses while decoding (``DecodingPress`` and its subclasses, CaM's)."""
-    import kvpress
-
-    return isinstance(press, kvpress.DecodingPress)
-
-
-def _run_scored(model, ids: torch.Tensor, context: int, cache, press) -> dict:
-    """Prefill ``ids[:, :context]`` (through ``press`` if given), then score the rest token by token."""
-    from transformers import DynamicCache
-
-    import kvmerge
-
-    if cache is None:
-        model.set_attn_implementation("sdpa")
-        cache = DynamicCache(config=model.config)
-    decoding_press = press is not None and _is_decoding_press(press)
-    prefill_press = press(model) if press is not None and not decoding_press else contextlib.nullcontext()
-    decode_press = press(model) if decoding_press else contextlib.nullcontext()
-    nll, timings = [], []
-    with torch.inference_mode(), _cache_position_kwarg(model) if press is not None else contextlib.nullcontext():
-        started = time.perf_counter()
-        with prefill_press:
-            logits = model(ids[:, :context], **with_cache(model, cache), logits_to_keep=1).logits
-        prefill = time.perf_counter() - started
-        with decode_press:
-            for t in range(context, ids.shape[1] - 1):
-                nll.append(float(torch.nn.functional.cross_entropy(logits[:, -1].float(), ids[:, t])))
-                started = time.perf_counter()
-                position = None if isinstance(cache, kvmerge.KVMergeCache) else torch.tensor([[t]])
-                logits = model(ids[:, t : t + 1], **with_cache(model, cache), position_ids=position).logits
-                timings.append(time.perf_counter() - started)
-    nll.append(float(torch.nn.functional.cross_entropy(logits[:, -1].float(), ids[:, -1])))
-    kept = cache.layers[0].keys.shape[-2]
-    held = sum(layer.keys.numel() * layer.keys.element_size() * 2 for layer in cache.layers)
-    return {
-        "ppl": math.exp(statistics.fmean(nll)),
-        "nll": statistics.fmean(nll),
-        "prefill_seconds": prefill,
-        "decode_ms": 1000 * statistics.median(timings),
-        "kept_per_head": kept,
-        "kv_bytes": held,
-    }
 
 
 # -- running a benchmark ---------------------------------------------------------------------------
@@ -1070,39 +913,8 @@ def add_bench_command(subparsers: argparse._SubParsersAction) -> argparse.Argume
         default=defaults.kvpress_tokens,
         help="continuation tokens scored in the kvpress comparison (64)",
     )
-    parser.add_argument(
-        "--prefill",
-        type=_count_list,
-        default=[],
-        metavar="CONTEXTS",
-        help="also time the prefill of these prompt lengths (e.g. 1024,4096,8192) in one forward call, full "
-        "cache against each method under the prefill and step schedules, --prefill-repeats times round-robin",
-    )
-    parser.add_argument(
-        "--prefill-repeats", type=positive_int, default=defaults.prefill_repeats, help="repeats of the prefill grid (5)"
-    )
-    parser.add_argument(
-        "--prefill-chunk",
-        type=positive_int,
-        default=defaults.prefill_chunk,
-        help="tokens per compression step of the prefill grid's step schedule (32, the library's default)",
-    )
-    parser.add_argument(
-        "--lm-eval",
-        metavar="TASK",
-        help="also time one of kvmerge's teacher-forced lm-eval tasks (e.g. kvmerge_copa) through the kvmerge "
-        "model with each method against lm-eval's own hf model with a full cache, same requests and batch size",
-    )
-    parser.add_argument("--lm-eval-limit", type=positive_int, default=None, help="documents of --lm-eval's task (all)")
-    parser.add_argument(
-        "--lm-eval-batches", type=_count_list, default=[8], help="comma list of --lm-eval batch sizes (8)"
-    )
-    parser.add_argument(
-        "--lm-eval-chunk",
-        type=positive_int,
-        default=1,
-        help="tokens per compression step of --lm-eval's kvmerge runs (1: token by token, the papers')",
-    )
+    add_prefill_arguments(parser, _count_list, positive_int, defaults.prefill_repeats, defaults.prefill_chunk)
+    add_lm_eval_arguments(parser, _count_list, positive_int)
     parser.add_argument(
         "--mmap-threshold",
         type=positive_int,
@@ -1181,7 +993,10 @@ def config_from_args(args: argparse.Namespace, parser: argparse.ArgumentParser) 
             "and/or --compare-kvpress"
         )
     if config.lm_eval_task:
-        _check_lm_eval_task(config, parser)
+        try:
+            check_lm_eval(config.lm_eval_task, config.methods, config.budget)
+        except ValueError as error:
+            parser.error(str(error))
     for context in (config.contexts if config.points_grid else ()) + config.prefill_contexts:
         kept = config.budget_for(context)
         if kept >= context:
@@ -1268,23 +1083,6 @@ def _method_list(text: str) -> list[str]:
     if unknown or not methods:
         raise argparse.ArgumentTypeError(f"unknown method(s) {unknown or text!r}; see 'kvmerge methods'")
     return methods
-
-
-def _check_lm_eval_task(config: BenchConfig, parser: argparse.ArgumentParser) -> None:
-    """A clear error for an --lm-eval task that is not one of kvmerge's (local data, no download), or a method
-    that cannot be scored teacher-forced."""
-    import kvmerge
-    from kvmerge.eval import harness
-    from kvmerge.eval.perplexity import require_step_schedule
-
-    known = harness.task_manager(include_defaults=False).all_tasks
-    if config.lm_eval_task not in known:
-        parser.error(f"--lm-eval: unknown task {config.lm_eval_task!r}; one of {', '.join(sorted(known))}")
-    for method in config.methods:
-        try:
-            require_step_schedule(kvmerge.make_method(method, config.budget))
-        except ValueError as error:
-            parser.error(f"--lm-eval with {method}: {error}")
 
 
 def _check_model(name: str, parser: argparse.ArgumentParser) -> str:

@@ -11,6 +11,7 @@ back to the OS first). Ratios are medians against the full cache of the same run
 
 from __future__ import annotations
 
+import argparse
 import statistics
 import time
 from collections.abc import Callable
@@ -123,3 +124,26 @@ def render_prefill(records: list[dict]) -> list[str]:
             )
         ),
     ]
+
+
+def add_prefill_arguments(
+    parser: argparse.ArgumentParser, counts: Callable, count: Callable, repeats: int, chunk_size: int
+) -> None:
+    """The ``--prefill*`` options of ``kvmerge bench`` (``counts``/``count`` parse a comma list / one count)."""
+    parser.add_argument(
+        "--prefill",
+        type=counts,
+        default=[],
+        metavar="CONTEXTS",
+        help="also time the prefill of these prompt lengths (e.g. 1024,4096,8192) in one forward call, full "
+        "cache against each method under the prefill and step schedules, --prefill-repeats times round-robin",
+    )
+    parser.add_argument(
+        "--prefill-repeats", type=count, default=repeats, help=f"repeats of the prefill grid ({repeats})"
+    )
+    parser.add_argument(
+        "--prefill-chunk",
+        type=count,
+        default=chunk_size,
+        help=f"tokens per compression step of the prefill grid's step schedule ({chunk_size}, the library's default)",
+    )

@@ -9,7 +9,9 @@ after the other in one process; ratios are seconds against the ``hf`` run of the
 
 from __future__ import annotations
 
+import argparse
 import time
+from collections.abc import Callable
 
 import torch
 
@@ -95,3 +97,38 @@ def render_throughput(records: list[dict]) -> list[str]:
         )
     task, budget = records[0]["task"], next((r["budget"] for r in records if r["budget"] is not None), None)
     return [f"## Evaluation throughput: {task}, budget {budget} (lm-eval, one process)", "\n".join(lines)]
+
+
+def check_lm_eval(task: str, methods: tuple[str, ...], budget: float | int) -> None:
+    """Raise ``ValueError`` for a task that is not one of kvmerge's (local data, no download), or a method
+    that cannot be scored teacher-forced."""
+    import kvmerge
+    from kvmerge.eval import harness
+    from kvmerge.eval.perplexity import require_step_schedule
+
+    known = harness.task_manager(include_defaults=False).all_tasks
+    if task not in known:
+        raise ValueError(f"--lm-eval: unknown task {task!r}; one of {', '.join(sorted(known))}")
+    for method in methods:
+        try:
+            require_step_schedule(kvmerge.make_method(method, budget))
+        except ValueError as error:
+            raise ValueError(f"--lm-eval with {method}: {error}") from None
+
+
+def add_lm_eval_arguments(parser: argparse.ArgumentParser, counts: Callable, count: Callable) -> None:
+    """The ``--lm-eval*`` options of ``kvmerge bench`` (``counts``/``count`` parse a comma list / one count)."""
+    parser.add_argument(
+        "--lm-eval",
+        metavar="TASK",
+        help="also time one of kvmerge's teacher-forced lm-eval tasks (e.g. kvmerge_copa) through the kvmerge "
+        "model with each method against lm-eval's own hf model with a full cache, same requests and batch size",
+    )
+    parser.add_argument("--lm-eval-limit", type=count, default=None, help="documents of --lm-eval's task (all)")
+    parser.add_argument("--lm-eval-batches", type=counts, default=[8], help="comma list of --lm-eval batch sizes (8)")
+    parser.add_argument(
+        "--lm-eval-chunk",
+        type=count,
+        default=1,
+        help="tokens per compression step of --lm-eval's kvmerge runs (1: token by token, the papers')",
+    )
