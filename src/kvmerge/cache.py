@@ -617,16 +617,11 @@ class KVMergeLayer(CacheLayerMixin):
         """Feed the probabilities ``[b, h, g, r, m]`` of the step's rows ``start:stop`` over the first ``m``
         entries (those the rows can see) to the statistics."""
         seen = Observation(probs, visible, _span(self._step_index, start, stop), self.valid_seen)
-        m = probs.shape[-1]
-        for stat in self.method.statistics:
-            value = self.stats[stat.name]
-            if m == value.shape[-1]:
-                self.stats[stat.name] = stat.update(value, seen)
-            else:  # the entries after the first m are unseen: untouched
-                part = value.narrow(-1, 0, m)
-                updated = stat.update(part, seen)
-                if updated is not part:
-                    part.copy_(updated)
+        for stat in self.method.statistics:  # the entries after the first m are unseen: untouched
+            part = self.stats[stat.name].narrow(-1, 0, probs.shape[-1])
+            updated = stat.update(part, seen)
+            if updated is not part:
+                part.copy_(updated)
 
     def _sum_weights(self) -> torch.Tensor:
         """The statistics of :attr:`_sum_names` as weight rows ``[b, h, s, n]`` float32 (0 for an empty slot)."""
