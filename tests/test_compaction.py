@@ -111,6 +111,61 @@ def test_evicting_in_place_holds_what_compaction_holds(method, less_kernels):
             torch.testing.assert_close(tensor, slow.absorber_state[name], atol=1e-5, rtol=1e-5, msg=name)
 
 
+def valid_by_position(layer: KVMergeLayer) -> dict[str, torch.Tensor]:
+    """:func:`by_position` with the empty slots' contents zeroed (what an empty slot holds is not kept)."""
+    tensors = by_position(layer)
+    valid = tensors["index"] >= 0
+    return {
+        name: t.masked_fill(~valid.view(*valid.shape, *(1,) * (t.dim() - 3)), 0) for name, t in tensors.items()
+    }
+
+
+@pytest.mark.parametrize(
+    "method", ["streaming", "streaming+cam", "h2o", "h2o+cam", "h2o+less", "tova", "scissorhands", "knorm", "random"]
+)
+def test_one_token_steps_of_a_padded_batch_evict_in_place(method, less_kernels):
+    """Teacher forcing token by token (lm-eval's protocol) on a left-padded batch with a budget per
+    sequence, then padded decoding: rows under budget give up an empty slot, the others their lowest
+    entry, in place; the cache holds, position by position, what the compacting cache holds, and the
+    logits agree."""
+    model = tiny_model("llama")
+    lengths = (40, 33, 25)
+    ids = torch.randint(0, VOCAB, (3, 50), generator=torch.Generator().manual_seed(3))
+    mask = torch.zeros(3, 50, dtype=torch.long)
+    for row, length in enumerate(lengths):
+        mask[row, 40 - length :] = 1
+    mask[:, 40:] = 1
+    options = {"kernels": less_kernels} if method.endswith("+less") else {}
+    caches = [kvmerge.make_cache(model, method, 0.3, chunk_size=1, **options) for _ in range(2)]
+    for layer in caches[1].layers:
+        layer._evicts_in_place = False
+    outputs = [[], []]
+    with torch.no_grad():
+        for cache, logits in zip(caches, outputs, strict=True):
+            for start, stop in [(0, 40), *((t, t + 1) for t in range(40, 50))]:
+                positions = (mask[:, :stop].cumsum(-1) - 1).clamp(min=0)[:, start:stop]
+                logits.append(
+                    model(
+                        ids[:, start:stop],
+                        attention_mask=mask[:, :stop],
+                        position_ids=positions,
+                        **kvmerge.with_cache(model, cache),
+                    ).logits
+                )
+    valid = mask[:, :40].bool()
+    torch.testing.assert_close(outputs[0][0][valid], outputs[1][0][valid], atol=1e-5, rtol=1e-5)
+    for fast, slow in zip(outputs[0][1:], outputs[1][1:], strict=True):
+        torch.testing.assert_close(fast, slow, atol=1e-5, rtol=1e-5)
+    for fast, slow in zip(caches[0].layers, caches[1].layers, strict=True):
+        assert not fast.ordered  # the in-place path ran
+        assert fast.keys.shape == slow.keys.shape
+        expected = valid_by_position(slow)
+        for name, tensor in valid_by_position(fast).items():
+            torch.testing.assert_close(tensor, expected[name], atol=1e-5, rtol=1e-5, msg=name)
+        for name, tensor in fast.absorber_state.items():
+            torch.testing.assert_close(tensor, slow.absorber_state[name], atol=1e-5, rtol=1e-5, msg=name)
+
+
 @pytest.mark.parametrize("family", ["llama", "qwen2"])
 @pytest.mark.parametrize(
     "method",

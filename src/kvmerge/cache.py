@@ -254,6 +254,10 @@ class KVMergeLayer(CacheLayerMixin):
         if dropped is not None and self._evicts_in_place:
             self._evict_in_place(before, dropped, (self.sink, recent_start))
             return
+        over = self._over_by_one(before.index) if dropped is None else None
+        if over is not None:  # a one-token step of a padded batch or of unequal budgets
+            self._evict_one_or_none(before, scores, over, (self.sink, recent_start))
+            return
         if not self.ordered:  # in-place evictions came before: rank in position order
             before, scores = self._reorder(scores)
         chosen = self._drop(dropped, n) if dropped is not None else self._rank(scores, before.index)
@@ -275,23 +279,76 @@ class KVMergeLayer(CacheLayerMixin):
         if self.key_rotation is not None:
             self._shift_positions()
 
-    def _evict_in_place(self, before: Entries, dropped: torch.Tensor, windows: tuple[int, torch.Tensor]) -> None:
+    def _evict_in_place(
+        self,
+        before: Entries,
+        dropped: torch.Tensor,
+        windows: tuple[int, torch.Tensor],
+        evicting: torch.Tensor | None = None,
+    ) -> None:
         """Evict each row's ``dropped`` slot ``[b, h, 1]`` without compaction: swap it with the last slot
         (the newest entry) in every per-entry tensor and let the buffers keep that slot as room;
-        ``windows`` as :attr:`~kvmerge.method.Eviction.windows`."""
+        ``windows`` as :attr:`~kvmerge.method.Eviction.windows`; ``evicting`` ``[b, h, 1]``: the rows whose
+        dropped slot holds an entry (``None``: all; the others give up an empty slot)."""
         n = before.index.shape[-1]
         kept_slots, evicted, last = self._in_place_slots(*dropped.shape[:2], n)  # last: [b, h, 1]
+        if evicting is not None:
+            evicted = evicted & evicting
         pair, swapped = torch.cat((dropped, last), dim=-1), torch.cat((last, dropped), dim=-1)  # [b, h, 2]
         named = self._named(before)
         copy_slots(list(named.values()), pair, swapped)  # swap the two entries
         held = {name: tensor.narrow(2, 0, n - 1) for name, tensor in named.items()}
 
         def eviction() -> Eviction:
-            return Eviction(before, self._entries(held), kept_slots, evicted, self.absorber_state, last, False, windows)
+            return Eviction(
+                before, self._entries(held), kept_slots, evicted, self.absorber_state, last, False, windows, evicting
+            )
 
         self._finish(held, eviction)
         self._buffers.update(named)  # the evicted entries' slots are the room for the next step
         self.ordered = False
+
+    def _over_by_one(self, index: torch.Tensor) -> torch.Tensor | None:
+        """Which rows ``[b, h, 1]`` hold one valid entry over their budget, when a one-token step left no
+        row further over and the in-place eviction applies; else ``None`` (compaction ranks)."""
+        if not (
+            self._evicts_in_place
+            and self._step_rows == 1
+            and self.compressions > 0
+            and not self.method.selector.adaptive
+        ):
+            return None
+        over = (index >= 0).sum(-1, keepdim=True) - self.budgets.view(-1, 1, 1)
+        return None if bool((over > 1).any()) else over > 0
+
+    def _evict_one_or_none(
+        self, before: Entries, scores: torch.Tensor, over: torch.Tensor, windows: tuple[int, torch.Tensor]
+    ) -> None:
+        """Evict in place the lowest-scored entry of each row that is ``over`` ``[b, h, 1]`` its budget, and
+        nothing of the others. When the slots are one more than the largest budget, every row gives up
+        one slot (an empty one if it is not over) and the slots shrink by one, as :meth:`_evict_in_place`;
+        otherwise the evicted entries' slots become empty where they are."""
+        n = before.index.shape[-1]
+        valid = before.index >= 0
+        # The slot each row gives up: its lowest valid entry if over budget, else an empty slot.
+        priority = torch.where(valid == over, torch.where(valid, scores, float("-inf")), float("inf"))
+        dropped = self._lowest(priority, before.index)
+        if n == self.budget_max + 1:
+            self._evict_in_place(before, dropped, windows, over)
+            return
+        evicted = over & (torch.arange(n, device=self.device) == dropped)  # [b, h, n]
+        held = self._named(before)
+        held["index"] = before.index.masked_fill(evicted, -1)
+        kept_slots = torch.arange(n, device=self.device).expand_as(evicted).masked_fill(evicted, -1)
+
+        def eviction() -> Eviction:
+            return Eviction(
+                before, self._entries(held), kept_slots, evicted, self.absorber_state, dropped, self.ordered, windows,
+                evicting=over,
+            )  # fmt: skip
+
+        self._finish(held, eviction)
+        self.has_empty = True
 
     def _in_place_slots(self, batch: int, heads: int, n: int) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
         """An in-place eviction's kept slots ``[batch, heads, n - 1]`` (the first ``n - 1``), evicted mask
@@ -353,9 +410,9 @@ class KVMergeLayer(CacheLayerMixin):
     @staticmethod
     def _lowest(scores: torch.Tensor, index: torch.Tensor) -> torch.Tensor:
         """Each row's lowest-scored slot ``[b, h, 1]``, the newest among equal scores (what the stable
-        ranking of :meth:`_rank` drops), in any slot order."""
+        ranking of :meth:`_rank` drops; an empty slot, index ``-1``, among empty ones), in any slot order."""
         lowest = scores.amin(dim=-1, keepdim=True)
-        return index.masked_fill(scores != lowest, -1).argmax(dim=-1, keepdim=True)
+        return index.masked_fill(scores != lowest, -2).argmax(dim=-1, keepdim=True)
 
     @staticmethod
     def _drop(dropped: torch.Tensor, n: int) -> tuple:
@@ -459,7 +516,9 @@ class KVMergeLayer(CacheLayerMixin):
             self.has_empty = True
             keys = keys * valid.view(batch, 1, rows, 1)  # padding never carries NaN into merges
             values = values * valid.view(batch, 1, rows, 1)
-        if padded:
+        if padded and rows == 1:
+            self._step_index = torch.where(valid, self.valid_seen.view(-1, 1), -1)  # [batch, 1]
+        elif padded:
             positions = self.valid_seen.view(-1, 1) + valid.long().cumsum(-1) - 1
             self._step_index = torch.where(valid, positions, -1)  # [batch, r]
         elif rows == 1:  # decoding, no padding
@@ -483,7 +542,7 @@ class KVMergeLayer(CacheLayerMixin):
             held = {name: torch.cat([held[name], fresh], dim=2) for name, fresh in new.items()}
         self._hold(held)
         self._step_rows = rows
-        self.valid_seen = self.valid_seen + (valid.sum(-1) if padded else rows)
+        self.valid_seen = self.valid_seen + (valid[:, 0] if rows == 1 else valid.sum(-1) if padded else rows)
         self.seen += rows
         self.since_compression += rows
 
@@ -495,8 +554,12 @@ class KVMergeLayer(CacheLayerMixin):
         everything. ``valid`` ``[batch, r]`` says which of the step's ``r`` tokens are real."""
         rows, n = valid.shape[-1], self.index.shape[-1]
         stop = rows if stop is None else stop
-        if rows == 1 and not self.has_empty:
-            return None
+        if rows == 1:  # the row sees the valid kept entries and itself
+            if not self.has_empty:
+                return None
+            mask = (self.index >= 0).unsqueeze(2)
+            mask[..., -1] = True
+            return mask
         query = torch.arange(start, stop, device=self.device).view(-1, 1)
         token = torch.arange(stop, device=self.device)
         new = ((token <= query) & valid[:, None, None, :stop]) | (token == query)  # [batch, 1, stop - start, stop]
@@ -528,11 +591,12 @@ class KVMergeLayer(CacheLayerMixin):
         batch, q_heads, rows, dim = query.shape
         heads = self.keys.shape[1]
         group = q_heads // heads
-        if rows == 1 and not self.has_empty:
-            # One query row that sees everything (decoding): a KV group's query heads are rows of one
-            # attention over their KV head, cheaper on CPU than SDPA's GQA.
+        if rows == 1:
+            # One query row (decoding): a KV group's query heads are rows of one attention over their KV
+            # head, cheaper on CPU than SDPA's GQA; the mask [b, kv_heads, 1, n] (empty slots) broadcasts.
             grouped = query.reshape(batch, heads, group, dim)
-            out = scaled_dot_product_attention(grouped, self.keys, self.values, scale=scaling)
+            mask = self._step_mask(valid)
+            out = scaled_dot_product_attention(grouped, self.keys, self.values, attn_mask=mask, scale=scaling)
             return out.reshape(batch, q_heads, 1, dim).transpose(1, 2)
         mask, causal = None, True  # the step is all the layer holds, unpadded: no mask to build
         if self.keys.shape[-2] != rows or self.has_empty:

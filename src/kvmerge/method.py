@@ -56,12 +56,14 @@ class Entries:
 class Eviction:
     """One compression of a layer: ``before`` shrank to ``after``.
 
-    Slots are in position order in every compression but one: a decoding step that evicts one entry
-    per row from a method that does not need position order (see ``Selector.needs_position_order``)
-    swaps the evicted entry with the newest one, in the last slot, and drops that slot instead of
-    compacting the cache. ``before`` is then the swapped layout (the evicted entry last), ``after``
-    its first ``n - 1`` slots (views of the same buffers), and slots of a long decoded cache are in
-    no particular order; ``index`` always says each entry's position.
+    Slots are in position order in every compression but one: a one-token step that evicts at most one
+    entry per row from a method that does not need position order (see ``Selector.needs_position_order``)
+    evicts in place instead of compacting the cache. When the slots shrink by one, each row's evicted
+    entry (or, in a row that is not over its budget, an empty slot) swaps with the newest one, in the
+    last slot: ``before`` is then the swapped layout (the evicted entry last), ``after`` its first
+    ``n - 1`` slots (views of the same buffers). Otherwise (rows of a padded batch or with unequal
+    budgets, while the slots still grow) the evicted entry's slot becomes empty where it is. Slots of
+    a long decoded cache are in no particular order; ``index`` always says each entry's position.
 
     Attributes
     ----------
@@ -77,12 +79,16 @@ class Eviction:
         The absorber's own per-layer tensors (empty at first), updated in place.
     evicted_slots:
         ``[batch, kv_heads, e]`` int64 slots in ``before`` of the evicted entries in position order,
-        when every row evicted the same number ``e`` (decoding: one); else ``None``.
+        when every row evicted the same number ``e`` (decoding: one), or at most one (see ``evicting``);
+        else ``None``.
     ordered:
         Whether ``before``'s slots are in position order (always, unless ``e`` is one).
     windows:
         The protected windows as ``(sink, recent_start)``: an entry is protected when its position is
         below ``sink`` (an int) or at least ``recent_start`` (``[batch, 1, 1]`` int64).
+    evicting:
+        ``[batch, kv_heads, 1]`` bool, the rows whose one ``evicted_slots`` slot was evicted, when some
+        evicted nothing (an in-place step of a padded batch); ``None``: every row evicted its slots.
     """
 
     before: Entries
@@ -93,6 +99,7 @@ class Eviction:
     evicted_slots: torch.Tensor | None = None
     ordered: bool = True
     windows: tuple[int, torch.Tensor] | None = None
+    evicting: torch.Tensor | None = None
 
 
 class Selector(ABC):

@@ -174,6 +174,8 @@ class CaM(Absorber):
         gap = after.index - position  # [b, h, k]: > 0 for the later entries
         nearest = gap.masked_fill_(gap <= 0, _FAR).topk(min(m, gap.shape[-1]), dim=-1, largest=False)
         neighbours, present = nearest.indices, nearest.values < _FAR  # [b, h, m]
+        if eviction.evicting is not None:  # rows that gave up an empty slot merge nothing
+            present = present & eviction.evicting
         if self.targets == "window":
             present = present & _in_window(after.index.gather(-1, neighbours), eviction.windows)
         if self.normalizer == "mean":

@@ -88,6 +88,8 @@ class LESS(Absorber):
             spread = slots.unsqueeze(-1).expand(-1, -1, -1, before.keys.shape[-1])
             keys, values = before.keys.gather(2, spread), before.values.gather(2, spread)
             log_psi = kernels.log_psi(keys.float())
+            if eviction.evicting is not None:  # rows that gave up an empty slot absorb nothing
+                log_psi = log_psi.masked_fill(~eviction.evicting.unsqueeze(-1), float("-inf"))
         else:
             keys, values = before.keys, before.values
             log_psi = kernels.log_psi(keys.float()).masked_fill(~eviction.evicted.unsqueeze(-1), float("-inf"))
