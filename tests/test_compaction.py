@@ -115,9 +115,7 @@ def valid_by_position(layer: KVMergeLayer) -> dict[str, torch.Tensor]:
     """:func:`by_position` with the empty slots' contents zeroed (what an empty slot holds is not kept)."""
     tensors = by_position(layer)
     valid = tensors["index"] >= 0
-    return {
-        name: t.masked_fill(~valid.view(*valid.shape, *(1,) * (t.dim() - 3)), 0) for name, t in tensors.items()
-    }
+    return {name: t.masked_fill(~valid.view(*valid.shape, *(1,) * (t.dim() - 3)), 0) for name, t in tensors.items()}
 
 
 @pytest.mark.parametrize(
