@@ -654,8 +654,7 @@ class KVMergeLayer(CacheLayerMixin):
                     weights = torch.cat([weights, self._sum_weights()], dim=2)
                 out = torch.matmul(weights, seen_values)
                 if fused:  # copied out, so that the step's whole product is not kept alive by them
-                    sums = out[:, :, -len(self._sum_names) :].clone()
-                    self._value_sums = dict(zip(self._sum_names, sums.split(1, dim=2), strict=True))
+                    self._keep_value_sums(out[:, :, -len(self._sum_names) :].clone())
                     out = out[:, :, : -len(self._sum_names)]
             else:  # the state is one more softmax term with log-weight log_mass and value mean
                 log_mass, mean = extra
@@ -670,8 +669,7 @@ class KVMergeLayer(CacheLayerMixin):
             if not fused:
                 self._update_statistics(probs, visible, start, stop)
         if self._sum_names and not fused:  # an attending absorber, or no output: one more pass
-            sums = torch.matmul(self._sum_weights(), values)
-            self._value_sums = dict(zip(self._sum_names, sums.split(1, dim=2), strict=True))
+            self._keep_value_sums(torch.matmul(self._sum_weights(), values))
         if not output:
             return None
         out = (outputs[0] if len(outputs) == 1 else torch.cat(outputs, dim=3)).reshape(batch, q_heads, -1, dim)
@@ -687,9 +685,15 @@ class KVMergeLayer(CacheLayerMixin):
             if updated is not part:
                 part.copy_(updated)
 
+    def _keep_value_sums(self, sums: torch.Tensor) -> None:
+        """Hold the value sums ``[b, h, s, d]`` (a row per name of ``_sum_names``) as ``Entries.value_sums``."""
+        names = self._sum_names
+        self._value_sums = {names[0]: sums} if len(names) == 1 else dict(zip(names, sums.split(1, dim=2), strict=True))
+
     def _sum_weights(self) -> torch.Tensor:
         """The statistics of :attr:`_sum_names` as weight rows ``[b, h, s, n]`` float32 (0 for an empty slot)."""
-        rows = torch.stack([self.stats[name] for name in self._sum_names], dim=2).float()
+        stats = [self.stats[name] for name in self._sum_names]
+        rows = _cast(stats[0].unsqueeze(2) if len(stats) == 1 else torch.stack(stats, dim=2), torch.float32)
         return rows.masked_fill(self.index.unsqueeze(2) < 0, 0.0) if self.has_empty else rows
 
     def _true(self, *shape: int) -> torch.Tensor:
