@@ -15,6 +15,7 @@ the result of feeding the tokens one step at a time.
 
 from __future__ import annotations
 
+import copy
 import dataclasses
 import threading
 from collections.abc import Callable
@@ -36,6 +37,7 @@ _BLOCK_ELEMENTS = 1 << 24
 # ... and at most this many query rows at once, so that a causal prompt's blocks skip the entries after them.
 _BLOCK_ROWS = 128
 _NEVER = 1 << 62
+_GROWTH = 64  # entries of room a cache that stopped compressing adds when it reallocates
 
 
 def take_pending_layer() -> KVMergeLayer | None:
@@ -76,6 +78,7 @@ class KVMergeLayer(CacheLayerMixin):
         self.key_rotation = key_rotation
         self.record_evictions = record_evictions
         self.stack: LayerStack | None = None  # set by the cache whose layers compress decoding steps together
+        self.compressing = True  # False: keep every new token (a fork answering a question)
         self.seen = 0
         self._pending: tuple[torch.Tensor, torch.Tensor] | None = None
         # decoding's single evictions happen in place unless the method needs slots in position order
@@ -166,6 +169,16 @@ class KVMergeLayer(CacheLayerMixin):
         raise RuntimeError("a compressed cache cannot be rolled back (assisted decoding needs DynamicCache)")
 
     # kvmerge -----------------------------------------------------------------------------
+
+    def fork(self, copies: int = 1) -> KVMergeLayer:
+        """A copy of this layer with tensors of its own, each sequence repeated ``copies`` times (sequence
+        ``b`` becomes ``b * copies`` to ``b * copies + copies - 1``); it belongs to no layer stack."""
+        if self.stack is not None:
+            self.stack.settle()
+        twin = copy.copy(self)
+        twin.stack, twin._pending, twin._constants = None, None, {}
+        twin._map_batch(lambda t: t.repeat_interleave(copies, dim=0) if copies > 1 else t.clone())
+        return twin
 
     @property
     def entries(self) -> Entries:
@@ -536,6 +549,8 @@ class KVMergeLayer(CacheLayerMixin):
             # Decoding keeps room for the next token while under budget; over it, this step's eviction
             # frees a slot (in place) or compaction makes fresh buffers.
             room = int(rows == 1 and self.index.shape[-1] + rows <= self.budget_max)
+            if not self.compressing:  # the cache grows: room for the next steps, not one reallocation each
+                room = _GROWTH
             for name, fresh in new.items():
                 held[name], self._buffers[name] = _extend(held[name], fresh, self._buffers.get(name), room)
         else:  # as DynamicCache: no room kept
@@ -578,6 +593,8 @@ class KVMergeLayer(CacheLayerMixin):
         (:attr:`~kvmerge.method.Method.observed_rows`, the step's newest) get their probabilities computed."""
         rows = query.shape[2]
         observed = self.method.observed_rows
+        if not self.compressing and observed != 0:  # no statistic is read again; an attending state still joins
+            observed = None if self.method.absorber is not None and self.method.absorber.attends else 0
         if observed is None or observed >= rows:
             return self._attend_observed(query, valid, scaling, 0, output=True)
         out = self._attend_sdpa(query, valid, scaling)
@@ -710,6 +727,8 @@ class KVMergeLayer(CacheLayerMixin):
         return self._constants[key]
 
     def _should_compress(self, first_call: bool) -> bool:
+        if not self.compressing:
+            return False
         config = self.method.config
         interval = config.decode_interval
         if config.schedule == "prefill" and not first_call and (interval is None or self.since_compression < interval):
@@ -726,13 +745,14 @@ class KVMergeLayer(CacheLayerMixin):
             self.stack.unstack()
         if not self.is_initialized:
             return
-        self.keys, self.values, self.index, self.rotated_at = map(
-            fn, (self.keys, self.values, self.index, self.rotated_at)
+        self.keys, self.values, self.index, self.rotated_at, self.evicted_at = map(
+            fn, (self.keys, self.values, self.index, self.rotated_at, self.evicted_at)
         )
         self._buffers = {}
         self.stats = {name: fn(value) for name, value in self.stats.items()}
         self.valid_seen = fn(self.valid_seen)
         self.absorber_state = {name: fn(value) for name, value in self.absorber_state.items()}
+        self._value_sums = {name: fn(value) for name, value in self._value_sums.items()}
         if self.budgets is not None:
             self.budgets, self.recent = fn(self.budgets), fn(self.recent)
 
@@ -867,6 +887,31 @@ class KVMergeCache(Cache):
         self, key_states: torch.Tensor, value_states: torch.Tensor, layer_idx: int, *args, **kwargs
     ) -> tuple[torch.Tensor, torch.Tensor]:
         return self.layers[layer_idx].update(key_states, value_states)
+
+    def fork(self, copies: int = 1, compressing: bool = False) -> KVMergeCache:
+        """A cache holding what this one holds, with tensors of its own (what runs on the fork leaves this
+        cache as it is), every sequence repeated ``copies`` times: answer ``copies`` questions about one
+        compressed context as one batch. ``compressing=False`` (default): the fork stops compressing (see
+        :meth:`stop_compressing`), so a question and its answer are kept whole; ``True``: it keeps the budget."""
+        if copies < 1:
+            raise ValueError(f"copies must be a positive count, got {copies}")
+        twin = copy.copy(self)
+        twin.layers = [layer.fork(copies) for layer in self.layers]
+        if self.layers[0].stack is not None:
+            stack = LayerStack(twin.layers)
+            for layer in twin.layers:
+                layer.stack = stack
+        if not compressing:
+            twin.stop_compressing()
+        return twin
+
+    def stop_compressing(self) -> None:
+        """Keep every token from now on (what the cache holds stays as compressed); the cache then grows
+        like a full one."""
+        for layer in self.layers:
+            if layer.stack is not None:
+                layer.stack.settle()
+            layer.compressing = False
 
     def kv_bytes(self) -> int:
         """Bytes of keys and values held, all layers."""

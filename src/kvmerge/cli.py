@@ -1,4 +1,5 @@
-"""The ``kvmerge`` command: list methods, generate text, measure streaming perplexity, run the demo."""
+"""The ``kvmerge`` command: list methods, generate text, answer questions about a compressed context, measure
+streaming perplexity, run the demo."""
 
 from __future__ import annotations
 
@@ -27,6 +28,14 @@ EPILOG_GENERATE = """examples:
   kvmerge generate --method full --raw "The capital of France is"
 
 A float budget is a fraction of the prompt (chat template included); an int is entries per KV head.
+"""
+EPILOG_ASK = """examples:
+  kvmerge ask --context report.txt --method h2o+cam --budget 0.2 --question "Who wrote it?" --question "When?"
+  kvmerge ask --context book.txt --method snapkv --budget 512 --question "Summarise chapter 1." --json
+
+The context is compressed once (a float budget is a fraction of it, chat template included); each
+question is answered from a copy of the compressed cache that stops compressing, so the questions and
+answers are kept whole, and the questions run as one left-padded batch (--batch-size to split them).
 """
 EPILOG_PPL = """examples:
   kvmerge ppl --method h2o+cam --budget 0.2
@@ -67,6 +76,7 @@ tokens of the Paul Graham essays and writes <out>/results.json and <out>/ppl_mem
 EPILOG_MAIN = """examples:
   kvmerge methods                                             # every method string, with its options
   kvmerge generate --method h2o+cam --budget 48 "Write a haiku about the sea."
+  kvmerge ask --context doc.txt --method h2o+cam --budget 0.2 --question "Who?" --question "When?"
   kvmerge ppl --method streaming+cam --budget 0.2 --tokens 512
   kvmerge demo                                                # perplexity and KV memory of 10 methods
   kvmerge eval qa --methods full,h2o,h2o+cam --budgets 0.2 --limit 40
@@ -172,6 +182,47 @@ def _cmd_generate(args: argparse.Namespace) -> int:
         f"{new_tokens} new tokens in {seconds:.1f} s; "
         f"{cache.kept_tokens()} entries kept per head of {cache.get_seq_length()} tokens seen; "
         f"KV {held / 2**20:.2f} MiB vs {full / 2**20:.2f} MiB full ({100 * held / max(full, 1):.0f}%)",
+        file=sys.stderr,
+    )
+    return 0
+
+
+def _cmd_ask(args: argparse.Namespace) -> int:
+    from kvmerge.pipeline import answer_questions, check_inputs, compress_context, encode
+
+    options = {"seed": args.seed} | ({"chunk_size": args.chunk} if args.chunk else {})
+    with _user_errors():
+        _check_method(args.method, args.budget, **options)
+        context = args.context.read_text(encoding="utf-8")
+        check_inputs(context, args.question)
+        model, tokenizer = kvmerge.load_model(_model_name(args.model))
+        context_ids, question_ids = encode(tokenizer, context, args.question, chat=not args.raw)
+    start = time.perf_counter()
+    cache = compress_context(model, context_ids, args.method, args.budget, **options)
+    compressed = time.perf_counter()
+    answers = answer_questions(model, tokenizer, cache, context_ids, question_ids, args.max_new_tokens, args.batch_size)
+    answered = time.perf_counter()
+    held, full = cache.kv_bytes(), cache.kv_bytes_full()
+    summary = {
+        "method": args.method,
+        "budget": args.budget,
+        "context_tokens": len(context_ids),
+        "kept_per_head": cache.kept_tokens(),
+        "kv_bytes": held,
+        "kv_bytes_full": full,
+        "compress_seconds": round(compressed - start, 3),
+        "answer_seconds": round(answered - compressed, 3),
+        "answers": [{"question": q, "answer": a} for q, a in zip(args.question, answers, strict=True)],
+    }
+    if args.json:
+        print(json.dumps(summary, indent=2))
+        return 0
+    for question, answer in zip(args.question, answers, strict=True):
+        print(f"Q: {question}\nA: {answer}\n")
+    print(
+        f"kvmerge: {args.method}: context of {len(context_ids)} tokens compressed to {cache.kept_tokens()} entries "
+        f"per head in {compressed - start:.1f} s (KV {held / 2**20:.2f} MiB vs {full / 2**20:.2f} MiB full); "
+        f"{len(answers)} answers in {answered - compressed:.1f} s",
         file=sys.stderr,
     )
     return 0
@@ -319,6 +370,19 @@ def build_parser() -> argparse.ArgumentParser:
     threads_option(sub)
     sub.add_argument("prompt", help="the prompt (the user message when the chat template applies)")
     sub.set_defaults(func=_cmd_generate)
+
+    sub = command("ask", "compress a context once and answer several questions from it", EPILOG_ASK)
+    method_options(sub, None, "context tokens per compression step (default 32; 1 = token by token)")
+    sub.add_argument("--context", type=Path, required=True, help="text file holding the context")
+    sub.add_argument(
+        "--question", action="append", required=True, help="a question about the context (repeat for several)"
+    )
+    sub.add_argument("--max-new-tokens", type=positive_int, default=64, help="tokens per answer (default 64)")
+    sub.add_argument("--batch-size", type=positive_int, help="questions answered per batch (default: all at once)")
+    sub.add_argument("--raw", action="store_true", help="do not apply the tokenizer's chat template")
+    sub.add_argument("--json", action="store_true", help="print one JSON object (answers, memory, seconds)")
+    threads_option(sub)
+    sub.set_defaults(func=_cmd_ask)
 
     sub = command("ppl", "streaming perplexity of a text through a bounded cache", EPILOG_PPL)
     method_options(sub, 1, "tokens per compression step (default 1 = token by token)")
