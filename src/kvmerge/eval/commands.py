@@ -3,7 +3,9 @@
 from __future__ import annotations
 
 import argparse
+import contextlib
 import textwrap
+from collections.abc import Iterator
 from pathlib import Path
 
 from kvmerge.eval.data import DATA_DIR_HELP
@@ -21,7 +23,8 @@ EVAL_EXAMPLES = """examples:
   kvmerge eval perturbation --methods h2o,h2o+cam --budgets 0.2 --no-progress
   kvmerge report runs/eval-qa                     # re-render a results folder
 
-Each writes results.json, results.md and PNG plots into --out (refused if it holds results: --force).
+Each writes results.json, results.md and PNG plots into --out (refused if it holds results: --force
+overwrites them; ppl, qa, summarization and needle write after every run and --resume continues them).
 Run 'kvmerge eval BENCHMARK --help' for its options.
 """
 
@@ -104,7 +107,9 @@ def _add_common(parser: argparse.ArgumentParser, methods: str, budgets: str, lim
     )
 
 
-def _subcommand(subparsers, name: str, summary: str, examples: str, out: str) -> argparse.ArgumentParser:
+def _subcommand(
+    subparsers, name: str, summary: str, examples: str, out: str, resumable: bool = False
+) -> argparse.ArgumentParser:
     parser = subparsers.add_parser(
         name,
         help=summary,
@@ -114,6 +119,13 @@ def _subcommand(subparsers, name: str, summary: str, examples: str, out: str) ->
     )
     parser.add_argument("--out", type=Path, default=Path("runs") / out, help=f"results folder (default runs/{out})")
     parser.add_argument("--force", action="store_true", help="overwrite the results already in --out")
+    if resumable:
+        parser.add_argument(
+            "--resume",
+            action="store_true",
+            help="continue the results in --out: skip the runs it holds, add the others (refused when its "
+            "configuration, data or kvmerge/transformers versions differ)",
+        )
     parser.add_argument("--no-progress", action="store_true", help="no progress bars on stderr")
     parser.add_argument(
         "--threads", type=_count, default=1, help="torch CPU threads (default 1; more oversubscribe small steps)"
@@ -144,6 +156,7 @@ def add_eval_commands(subparsers: argparse._SubParsersAction) -> None:
         kvmerge eval ppl --dataset pg-essays --methods h2o,h2o+cam --seeds 0,1,2 --out runs/ppl-pg
         """,
         "eval-ppl",
+        resumable=True,
     )
     _add_common(
         ppl, "full,streaming,streaming+cam,h2o,h2o+cam", "0.1,0.2,0.3,0.4,0.5,0.6,0.7,0.8,0.9", 512, "tokens scored"
@@ -160,6 +173,7 @@ def add_eval_commands(subparsers: argparse._SubParsersAction) -> None:
         kvmerge eval qa --tasks kvmerge_copa,kvmerge_rte --methods h2o+cam --seeds 0,1,2,3,4 --limit 100
         """,
         "eval-qa",
+        resumable=True,
     )
     _add_common(qa, PAPER_METHODS, "0.2", None, "documents per task")
     qa.add_argument("--tasks", default=None, help="comma list of lm-eval tasks (the six kvmerge_* tasks)")
@@ -175,6 +189,7 @@ def add_eval_commands(subparsers: argparse._SubParsersAction) -> None:
         kvmerge eval summarization --dataset cnn_dailymail --budgets 0.1,0.2,0.5 --limit 50 --out runs/cnndm
         """,
         "eval-summarization",
+        resumable=True,
     )
     _add_common(summarization, PAPER_METHODS, "0.2", 20, "articles")
     summarization.add_argument("--dataset", choices=["xsum", "cnn_dailymail"], default="xsum")
@@ -191,6 +206,7 @@ def add_eval_commands(subparsers: argparse._SubParsersAction) -> None:
         kvmerge eval needle --methods h2o+cam --budgets 0.1,0.5 --seeds 0,1,2 --out runs/needle
         """,
         "eval-needle",
+        resumable=True,
     )
     _add_common(needle, PAPER_METHODS, "0.5", 5, "needle depths, evenly spaced from 0%% to 100%%")
     needle.add_argument("--lengths", type=_ints, default=[256, 512, 1024], help="context lengths in tokens")
@@ -263,8 +279,20 @@ def _load(args: argparse.Namespace):
             load_text(args.dataset, args.data_dir)
         elif args.benchmark in ("qa", "summarization"):
             data_folder(args.data_dir)
-        claim_out_dir(args.out, args.force)
+        claim_out_dir(args.out, args.force, getattr(args, "resume", None))
         return kvmerge.load_model(_model_name(args.model))
+
+
+@contextlib.contextmanager
+def _resume_refusals() -> Iterator[None]:
+    """A results folder that ``--resume`` cannot continue is a user error (one line, exit status 2)."""
+    from kvmerge.cli import UsageError
+    from kvmerge.eval.results import ResumeRefused
+
+    try:
+        yield
+    except ResumeRefused as error:
+        raise UsageError(str(error)) from error
 
 
 def _chunk(args: argparse.Namespace) -> int:
@@ -281,11 +309,12 @@ def _run_ppl(args: argparse.Namespace) -> int:
     from kvmerge.eval.sweep import run_ppl_sweep
 
     model, tok = _load(args)
-    run_ppl_sweep(
-        model, tok, args.dataset, args.methods, args.budgets, args.seeds, tokens=args.limit, chunk=_chunk(args),
-        out_dir=args.out, data_dir=args.data_dir, model_name=args.model, options=args.options,
-        progress=not args.no_progress,
-    )  # fmt: skip
+    with _resume_refusals():
+        run_ppl_sweep(
+            model, tok, args.dataset, args.methods, args.budgets, args.seeds, tokens=args.limit, chunk=_chunk(args),
+            out_dir=args.out, data_dir=args.data_dir, model_name=args.model, options=args.options,
+            progress=not args.no_progress, resume=args.resume,
+        )  # fmt: skip
     return _done(args.out)
 
 
@@ -295,11 +324,12 @@ def _run_qa(args: argparse.Namespace) -> int:
 
     model, tok = _load(args)
     tasks = tuple(args.tasks.split(",")) if args.tasks else QA_TASKS
-    run_qa(
-        model, tok, args.methods, args.budgets, args.seeds, tasks=tasks, limit=args.limit, out_dir=args.out,
-        batch_size=args.batch_size, chunk=_chunk(args), data_dir=args.data_dir, model_name=args.model,
-        options=args.options, progress=not args.no_progress,
-    )  # fmt: skip
+    with _resume_refusals():
+        run_qa(
+            model, tok, args.methods, args.budgets, args.seeds, tasks=tasks, limit=args.limit, out_dir=args.out,
+            batch_size=args.batch_size, chunk=_chunk(args), data_dir=args.data_dir, model_name=args.model,
+            options=args.options, progress=not args.no_progress, resume=args.resume,
+        )  # fmt: skip
     return _done(args.out)
 
 
@@ -307,11 +337,13 @@ def _run_summarization(args: argparse.Namespace) -> int:
     from kvmerge.eval.summarization import run_summarization
 
     model, tok = _load(args)
-    run_summarization(
-        model, tok, args.dataset, args.methods, args.budgets, args.seeds, limit=args.limit, out_dir=args.out,
-        batch_size=args.batch_size, chunk=_chunk(args), max_new_tokens=args.max_new_tokens, data_dir=args.data_dir,
-        model_name=args.model, options=args.options, progress=not args.no_progress,
-    )  # fmt: skip
+    with _resume_refusals():
+        run_summarization(
+            model, tok, args.dataset, args.methods, args.budgets, args.seeds, limit=args.limit, out_dir=args.out,
+            batch_size=args.batch_size, chunk=_chunk(args), max_new_tokens=args.max_new_tokens,
+            data_dir=args.data_dir, model_name=args.model, options=args.options, progress=not args.no_progress,
+            resume=args.resume,
+        )  # fmt: skip
     return _done(args.out)
 
 
@@ -320,10 +352,12 @@ def _run_needle(args: argparse.Namespace) -> int:
 
     model, tok = _load(args)
     depths = [i / max(args.limit - 1, 1) for i in range(args.limit)]
-    run_needle(
-        model, tok, args.methods, args.budgets, args.seeds, lengths=args.lengths, depths=depths, out_dir=args.out,
-        chunk=_chunk(args), model_name=args.model, options=args.options, progress=not args.no_progress,
-    )  # fmt: skip
+    with _resume_refusals():
+        run_needle(
+            model, tok, args.methods, args.budgets, args.seeds, lengths=args.lengths, depths=depths, out_dir=args.out,
+            chunk=_chunk(args), model_name=args.model, options=args.options, progress=not args.no_progress,
+            resume=args.resume,
+        )  # fmt: skip
     return _done(args.out)
 
 

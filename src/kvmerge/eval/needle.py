@@ -101,45 +101,51 @@ def run_needle(
     model_name: str = "default",
     options: dict | None = None,
     progress: bool = True,
+    resume: bool = False,
 ) -> list[dict]:
     """Retrieval accuracy of every (method, budget, seed) over the grid ``lengths`` x ``depths``.
 
-    Returns one record per (method, budget, seed, length, depth): ``correct`` (0/1), ``answer``, ``seconds``.
+    Returns one record per (method, budget, seed, length, depth): ``correct`` (0/1), ``answer``, ``seconds``;
+    written to ``out_dir`` after every (run, length); ``resume`` continues the ones ``out_dir`` holds
+    (:class:`~kvmerge.eval.results.Ledger`).
     """
     haystack = haystack or load_text("pg-essays")
     prompts = {
         length: [build_prompt(tokenizer, haystack, length, d, needle, question) for d in depths] for length in lengths
     }
+    config = {
+        "model": model_name,
+        "methods": methods,
+        "budgets": budgets,
+        "seeds": seeds,
+        "lengths": list(lengths),
+        "depths": list(depths),
+        "chunk": chunk,
+        "needle": needle,
+        "question": question,
+        "key_fact": key_fact,
+        "max_new_tokens": max_new_tokens,
+        "options": options or {},
+        "budget_semantics": "fraction of each prompt",
+        "data_sha256": results.digest(haystack),
+    }
+    ledger = results.Ledger(out_dir, "needle", config, resume)
     runs = results.run_grid(methods, budgets, seeds, options)
-    records = []
     for (method, budget, seed), length in tqdm(
         [(r, n) for r in runs for n in lengths], desc="needle", disable=not progress
     ):
+        if ledger.done(method, budget, seed, length=length):
+            continue
         start = time.perf_counter()
         own = options_for(method, options or {})
         answers = answer(model, tokenizer, prompts[length], method, budget, seed, chunk, max_new_tokens, own)
         seconds = time.perf_counter() - start
+        records = []
         for depth, text in zip(depths, answers, strict=True):
             record = {"method": method, "budget": budget, "seed": seed, "length": length, "depth": depth}
             records.append({**record, "correct": int(is_correct(text, key_fact)), "answer": text, "seconds": seconds})
-    if out_dir is not None:
-        config = {
-            "model": model_name,
-            "methods": methods,
-            "budgets": budgets,
-            "seeds": seeds,
-            "lengths": list(lengths),
-            "depths": list(depths),
-            "chunk": chunk,
-            "needle": needle,
-            "question": question,
-            "key_fact": key_fact,
-            "max_new_tokens": max_new_tokens,
-            "options": options or {},
-            "budget_semantics": "fraction of each prompt",
-        }
-        results.write_results(out_dir, "needle", config, records)
-    return records
+        ledger.add(records)
+    return ledger.records
 
 
 def heatmap(records: list[dict], path: Path, title: str) -> Path:

@@ -10,6 +10,7 @@ from tqdm import tqdm
 from transformers import PreTrainedModel, PreTrainedTokenizerBase
 
 from kvmerge.eval import harness, results
+from kvmerge.eval.data import data_folder
 from kvmerge.eval.paired import paired_bootstrap
 from kvmerge.registry import options_for
 
@@ -31,18 +32,20 @@ def run_qa(
     model_name: str = "default",
     options: dict | None = None,
     progress: bool = True,
+    resume: bool = False,
 ) -> list[dict]:
     """Accuracy of every (method, budget, seed) on ``tasks`` through lm-eval's ``simple_evaluate``.
 
     ``full`` runs once (no budget); methods without randomness run with the first seed only.
-    Writes ``results.json``/``results.md``/``qa.png`` into ``out_dir`` (when given) after every run.
+    Writes ``results.json``/``results.md``/``qa.png`` into ``out_dir`` (when given) after every task of
+    every run; ``resume`` continues the ones ``out_dir`` holds (see :class:`~kvmerge.eval.results.Ledger`).
 
     Returns
     -------
     list of dict
         One record per (method, budget, seed, task): ``acc``, ``acc_stderr``, ``acc_norm`` (if the task
         has it), ``n`` documents, ``outcomes`` (per document 0/1, in document order, so that any two
-        methods can be compared pairwise later) and ``seconds``.
+        methods can be compared pairwise later) and ``seconds`` (of that task).
     """
     import lm_eval
 
@@ -61,9 +64,14 @@ def run_qa(
         "batch_size": batch_size,
         "options": options or {},
         "budget_semantics": "fraction of each scored sequence (context + continuation), causal eviction",
+        "data_sha256": task_digest(tasks, data_dir),
     }
-    records = []
-    for method, budget, seed in tqdm(runs, desc="qa runs", disable=not progress):
+    ledger = results.Ledger(out_dir, "qa", config, resume)
+    cells = [(run, task) for run in runs for task in tasks]
+    for (method, budget, seed), task in tqdm(cells, desc="qa runs", disable=not progress):
+        name = task.removeprefix("kvmerge_")
+        if ledger.done(method, budget, seed, task=name):
+            continue
         lm = harness.KVMergeLM(
             model, tokenizer, method=method, budget=budget, seed=seed, chunk=chunk, batch_size=batch_size,
             progress=progress, **options_for(method, options or {}),
@@ -71,28 +79,35 @@ def run_qa(
         start = time.perf_counter()
         with harness.quiet_git():
             out = lm_eval.simple_evaluate(
-                model=lm, tasks=list(tasks), limit=limit, task_manager=manager, verbosity="WARNING", log_samples=True
+                model=lm, tasks=[task], limit=limit, task_manager=manager, verbosity="WARNING", log_samples=True
             )
-        seconds = time.perf_counter() - start
-        for task in tasks:
-            metrics = out["results"][task]
-            records.append(
+        metrics = out["results"][task]
+        ledger.add(  # after every task of every run, so that an interrupted sweep keeps what it measured
+            [
                 {
                     "method": method,
                     "budget": budget,
                     "seed": seed,
-                    "task": task.removeprefix("kvmerge_"),
+                    "task": name,
                     "acc": metrics["acc,none"],
                     "acc_stderr": metrics.get("acc_stderr,none"),
                     "acc_norm": metrics.get("acc_norm,none"),
                     "n": out["n-samples"][task]["effective"],
-                    "seconds": seconds,
+                    "seconds": time.perf_counter() - start,
                     "outcomes": outcomes(out["samples"][task]),
                 }
-            )
-        if out_dir is not None:  # after every run, so that an interrupted sweep keeps what it measured
-            results.write_results(out_dir, "qa", config, records)
-    return records
+            ]
+        )
+    return ledger.records
+
+
+def task_digest(tasks: tuple[str, ...], data_dir: str | Path | None) -> str | None:
+    """:func:`~kvmerge.eval.results.digest` of the data files of kvmerge's ``tasks`` (``None`` if none is)."""
+    folders = [task.removeprefix("kvmerge_") for task in tasks if task in harness.QA_TASKS]
+    if not folders:
+        return None
+    root = data_folder(data_dir)
+    return results.digest(*(path for name in sorted(folders) for path in sorted((root / name).glob("*.jsonl"))))
 
 
 def outcomes(samples: list[dict]) -> list[int]:
@@ -120,7 +135,6 @@ def render(payload: dict, out_dir: Path) -> str:
     differences themselves, and a grouped bar plot."""
     records = payload["records"]
     results.bar_plot(records, "task", "method", METRIC, out_dir / "qa.png", "Zero-shot accuracy (%)", scale=100)
-    seconds = {(r["method"], r["budget"], r["seed"]): r["seconds"] for r in records}
     differences = paired_differences(records)
     marked = {(d["method"], d["budget"], d["task"]) for d in differences if d["excludes_zero"]}
     tasks = list(dict.fromkeys(r["task"] for r in records))
@@ -152,4 +166,4 @@ def render(payload: dict, out_dir: Path) -> str:
             "| task | comparison | budget | seed | difference [interval] | n |\n|---|---|---|---|---|---|\n"
             + "\n".join(rows)
         )
-    return f"{text}\n\n![accuracy](qa.png)\n\nWall time of all runs: {sum(seconds.values()):.0f} s."
+    return f"{text}\n\n![accuracy](qa.png)\n\nWall time of all runs: {sum(r['seconds'] for r in records):.0f} s."

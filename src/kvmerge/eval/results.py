@@ -7,6 +7,7 @@ results folder from its ``results.json`` alone.
 
 from __future__ import annotations
 
+import hashlib
 import importlib
 import importlib.metadata
 import json
@@ -69,15 +70,102 @@ def versions() -> dict[str, str]:
     return out
 
 
-def claim_out_dir(path: str | Path, force: bool = False) -> Path:
+def claim_out_dir(path: str | Path, force: bool = False, resume: bool | None = None) -> Path:
     """``path`` as the folder of a new run: refused while it holds files (the results of an earlier run)
-    unless ``force``; checked before any work, so that nothing is lost by mistake."""
+    unless ``force`` (overwrite) or ``resume`` (continue, see :class:`Ledger`; ``None``: the command cannot
+    resume); checked before any work, so that nothing is lost by mistake."""
     path = Path(path)
     if path.exists() and not path.is_dir():
         raise FileExistsError(f"--out {path} is a file, not a folder")
-    if not force and path.is_dir() and any(path.iterdir()):
-        raise FileExistsError(f"{path} already holds results: pass --force to overwrite them, or choose another --out")
+    if force and resume:
+        raise ValueError("--force starts over and --resume continues: give one of them")
+    if not (force or resume) and path.is_dir() and any(path.iterdir()):
+        hint = "pass --force to overwrite them" + (", --resume to continue them" if resume is not None else "")
+        raise FileExistsError(f"{path} already holds results: {hint}, or choose another --out")
     return path
+
+
+GRID_KEYS = ("methods", "budgets", "seeds")  # what a resumed run may extend; everything else must match
+MATCHED_VERSIONS = ("kvmerge", "transformers")
+
+
+def digest(*parts: str | bytes | Path) -> str:
+    """SHA-256 (hex, first 16) of texts, bytes and files' contents, in order: what data a run read."""
+    hasher = hashlib.sha256()
+    for part in parts:
+        data = part.read_bytes() if isinstance(part, Path) else part.encode() if isinstance(part, str) else part
+        hasher.update(len(data).to_bytes(8, "little") + data)
+    return hasher.hexdigest()[:16]
+
+
+class ResumeRefused(ValueError):
+    """A results folder that a run cannot continue (another benchmark, configuration, data or version)."""
+
+
+class Ledger:
+    """The records of a grid run, written to ``out_dir`` after every run so that an interrupted run keeps
+    what it measured.
+
+    With ``resume``, a folder that already holds this benchmark's results is continued: its records are
+    kept, :meth:`done` says which runs they cover, and the grid lists (methods, budgets, seeds) of both
+    invocations are joined. Every other configuration key, the data's ``data_sha256`` and the kvmerge and
+    transformers versions must equal the folder's, or the run is refused before any compute (records
+    measured on other data or code are never mixed).
+    """
+
+    def __init__(
+        self, out_dir: str | Path | None, benchmark: str, config: dict, resume: bool = False, **extra_lists: list
+    ):
+        self.out_dir, self.benchmark, self.config = out_dir, benchmark, config
+        self.records: list[dict] = []
+        self.extra = extra_lists  # further lists kept beside the records (e.g. summarization's examples)
+        if resume and out_dir is not None and (Path(out_dir) / RESULTS_JSON).exists():
+            earlier = read_results(out_dir)
+            self._check_matches(earlier)
+            self.records = earlier["records"]
+            self.extra = {name: earlier.get(name, []) + values for name, values in extra_lists.items()}
+            self.config = {
+                **config,
+                **{
+                    key: list(dict.fromkeys([*earlier["config"].get(key, []), *config.get(key, [])]))
+                    for key in GRID_KEYS
+                    if key in config
+                },
+            }
+
+    def _check_matches(self, earlier: dict) -> None:
+        path = Path(self.out_dir) / RESULTS_JSON
+        if earlier["benchmark"] != self.benchmark:
+            raise ResumeRefused(f"cannot resume {path}: it holds {earlier['benchmark']} results, not {self.benchmark}")
+        mine = {k: json.loads(json.dumps(v, default=str)) for k, v in self.config.items() if k not in GRID_KEYS}
+        theirs = {k: v for k, v in earlier["config"].items() if k not in (*GRID_KEYS, "settings")}
+        current = versions()
+        differ = sorted(k for k in mine.keys() | theirs.keys() if mine.get(k) != theirs.get(k))
+        differ += [f"{k} version" for k in MATCHED_VERSIONS if earlier["versions"].get(k) != current[k]]
+        if differ:
+            raise ResumeRefused(
+                f"cannot resume {path}: its {', '.join(differ)} differ from this run's; use another --out "
+                "(or --force to start over)"
+            )
+
+    def done(self, method: str, budget: float | int | None, seed: int, **keys) -> bool:
+        """Whether a record of this run (and of ``keys``, e.g. a needle length) is already held; ``full``'s
+        budget ``None`` matches any budget it was recorded at."""
+        return any(
+            r["method"] == method
+            and r.get("seed", seed) == seed
+            and (budget is None or r.get("budget") == budget)
+            and all(r.get(k) == v for k, v in keys.items())
+            for r in self.records
+        )
+
+    def add(self, records: list[dict], **extra_lists: list) -> None:
+        """Keep a finished run's ``records`` (and items of the extra lists), then write everything."""
+        self.records += records
+        for name, values in extra_lists.items():
+            self.extra[name] = self.extra.get(name, []) + values
+        if self.out_dir is not None:
+            write_results(self.out_dir, self.benchmark, self.config, self.records, **self.extra)
 
 
 def write_results(out_dir: str | Path, benchmark: str, config: dict, records: list[dict], **extra) -> Path:

@@ -102,18 +102,37 @@ def run_summarization(
     model_name: str = "default",
     options: dict | None = None,
     progress: bool = True,
+    resume: bool = False,
 ) -> list[dict]:
     """ROUGE of every (method, budget, seed) on the first ``limit`` prompts of ``dataset`` (see :data:`DATASETS`).
 
     Returns one record per run (mean ROUGE-1/2/L F-measures, seconds); ``results.json`` also keeps
-    every prediction with its scores.
+    every prediction with its scores. Written to ``out_dir`` after every run; ``resume`` continues the
+    runs ``out_dir`` holds (:class:`~kvmerge.eval.results.Ledger`).
     """
     file, suffix = DATASETS[dataset]
-    docs = local.read_jsonl(local.data_dir(data_dir) / file, limit)
+    path = local.data_dir(data_dir) / file
+    docs = local.read_jsonl(path, limit)
     prompts = [doc["article"] + suffix for doc in docs]
+    config = {
+        "model": model_name,
+        "dataset": dataset,
+        "methods": methods,
+        "budgets": budgets,
+        "seeds": seeds,
+        "limit": limit,
+        "chunk": chunk,
+        "max_new_tokens": max_new_tokens,
+        "stops": STOPS,
+        "options": options or {},
+        "budget_semantics": "fraction of each prompt",
+        "data_sha256": results.digest(path),
+    }
+    ledger = results.Ledger(out_dir, "summarization", config, resume, examples=[])
     runs = results.run_grid(methods, budgets, seeds, options)
-    records, examples = [], []
     for method, budget, seed in tqdm(runs, desc=f"{dataset} runs", disable=not progress):
+        if ledger.done(method, budget, seed):
+            continue
         start = time.perf_counter()
         predictions = []
         for i in range(0, len(prompts), batch_size):
@@ -125,26 +144,11 @@ def run_summarization(
         scores = [rouge(p, doc["summary_gt"]) for p, doc in zip(predictions, docs, strict=True)]
         run = {"dataset": dataset, "method": method, "budget": budget, "seed": seed}
         means = {name: results.mean_std(s[name] for s in scores)[0] for name in ROUGE_TYPES}
-        records.append({**run, **means, "n": len(docs), "seconds": seconds})
-        examples += [
+        examples = [
             {**run, "index": i, "prediction": p, **s} for i, (p, s) in enumerate(zip(predictions, scores, strict=True))
         ]
-    if out_dir is not None:
-        config = {
-            "model": model_name,
-            "dataset": dataset,
-            "methods": methods,
-            "budgets": budgets,
-            "seeds": seeds,
-            "limit": limit,
-            "chunk": chunk,
-            "max_new_tokens": max_new_tokens,
-            "stops": STOPS,
-            "options": options or {},
-            "budget_semantics": "fraction of each prompt",
-        }
-        results.write_results(out_dir, "summarization", config, records, examples=examples)
-    return records
+        ledger.add([{**run, **means, "n": len(docs), "seconds": seconds}], examples=examples)
+    return ledger.records
 
 
 def render(payload: dict, out_dir: Path) -> str:

@@ -29,36 +29,41 @@ def run_ppl_sweep(
     model_name: str = "default",
     options: dict | None = None,
     progress: bool = True,
+    resume: bool = False,
 ) -> list[dict]:
     """Perplexity of the first ``tokens`` tokens of ``dataset`` (``wikitext2``, ``pg-essays`` or a file) per run.
 
     ``full`` runs once and is recorded at every budget (a flat reference line). Returns the
-    :func:`~kvmerge.eval.perplexity.streaming_perplexity` dicts, one per (method, budget, seed).
+    :func:`~kvmerge.eval.perplexity.streaming_perplexity` dicts, one per (method, budget, seed), written
+    to ``out_dir`` after every run; ``resume`` continues the runs ``out_dir`` holds
+    (:class:`~kvmerge.eval.results.Ledger`).
     """
     text = load_text(dataset, data_dir)
-    runs = results.run_grid(methods, budgets, seeds, options)
-    records = []
-    for method, budget, seed in tqdm(runs, desc=f"ppl {dataset}", disable=not progress):
+    config = {
+        "model": model_name,
+        "dataset": dataset,
+        "methods": methods,
+        "budgets": list(budgets),
+        "seeds": list(seeds),
+        "tokens": tokens,
+        "chunk": chunk,
+        "options": options or {},
+        "budget_semantics": "fraction of the scored tokens",
+        "data_sha256": results.digest(text),
+    }
+    ledger = results.Ledger(out_dir, "ppl", config, resume)
+    for method, budget, seed in tqdm(
+        results.run_grid(methods, budgets, seeds, options), desc=f"ppl {dataset}", disable=not progress
+    ):
+        if ledger.done(method, budget, seed):
+            continue
         run = streaming_perplexity(
             model, tokenizer, text, method, budget, tokens=tokens, chunk=chunk, seed=seed, progress=False,
             **options_for(method, options or {}),
         )  # fmt: skip
         run["dataset"] = dataset
-        records += [{**run, "budget": b} for b in budgets] if budget is None else [run]
-    if out_dir is not None:
-        config = {
-            "model": model_name,
-            "dataset": dataset,
-            "methods": methods,
-            "budgets": list(budgets),
-            "seeds": list(seeds),
-            "tokens": tokens,
-            "chunk": chunk,
-            "options": options or {},
-            "budget_semantics": "fraction of the scored tokens",
-        }
-        results.write_results(out_dir, "ppl", config, records)
-    return records
+        ledger.add([{**run, "budget": b} for b in budgets] if budget is None else [run])
+    return ledger.records
 
 
 def render(payload: dict, out_dir: Path) -> str:
