@@ -557,7 +557,7 @@ class KVMergeLayer(CacheLayerMixin):
             held = {name: torch.cat([held[name], fresh], dim=2) for name, fresh in new.items()}
         self._hold(held)
         self._step_rows = rows
-        self.valid_seen = self.valid_seen + (valid[:, 0] if rows == 1 else valid.sum(-1) if padded else rows)
+        self.valid_seen = self.valid_seen + ((valid[:, 0] if rows == 1 else valid.sum(-1)) if padded else rows)
         self.seen += rows
         self.since_compression += rows
 
