@@ -106,7 +106,8 @@ class KVMergeLM(TemplateLM):
         if int(os.environ.get("WORLD_SIZE", "1")) > 1:
             from accelerate import Accelerator
 
-            self.accelerator = Accelerator()
+            # on a CPU, accelerate joins the processes (torchrun's) only when told: gloo, one shard each
+            self.accelerator = Accelerator(cpu=not torch.cuda.is_available() or str(device).startswith("cpu"))
             self._rank, self._world_size = self.accelerator.process_index, self.accelerator.num_processes
             device = str(self.accelerator.device)
         if not device or (str(device).startswith("cuda") and not torch.cuda.is_available()):
