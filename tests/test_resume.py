@@ -158,3 +158,34 @@ def test_qa_resumes_task_by_task(tiny_dir, tmp_path, monkeypatch):
     records = run_qa(model, tokenizer, ["full", "h2o"], [0.5], [0], resume=True, **options)
     assert asked == [["kvmerge_rte"]] and records[:3] == first and len(records) == 4
     assert all(len(r["outcomes"]) == r["n"] == 3 for r in records)
+
+
+def test_a_published_cell_is_measured_again_by_its_command(capsys, tiny_dir, tmp_path):
+    from kvmerge.eval.paired import paired_bootstrap
+    from kvmerge.eval.qa import run_qa
+
+    model, tokenizer = kvmerge.load_model(str(tiny_dir))
+    run_qa(
+        model, tokenizer, ["full", "h2o", "h2o+cam"], [0.5], [0], tasks=("kvmerge_copa",), limit=6,
+        out_dir=tmp_path / "run", batch_size=4, model_name=str(tiny_dir), progress=False,
+    )  # fmt: skip
+    published = tmp_path / "docs" / "table.json"
+    assert main(["report", str(tmp_path / "run"), "--publish", str(published)]) == 0
+    table = json.loads(published.read_text())
+    cell = table["cells"]["copa"]["h2o@0.5"]
+    assert cell["n"] == 6 and len(cell["outcomes"]) == 6 and cell["outcomes_sha256"] == digest(cell["outcomes"])
+    (paired,) = table["paired"]
+    base = [int(c) for c in cell["outcomes"]]
+    merged = [int(c) for c in table["cells"]["copa"]["h2o+cam@0.5"]["outcomes"]]
+    assert paired["method"] == "h2o+cam" and paired["diff"] == paired_bootstrap(base, merged)["diff"]
+    argv = cell["command"].split()[1:]  # the command, as printed beside the table
+    assert argv[argv.index("--out") + 1] == "runs/cell-copa-h2o" and f"--model {tiny_dir}" in cell["command"]
+    argv[argv.index("--out") + 1] = str(tmp_path / "cell")
+    assert main([*argv, "--no-progress"]) == 0
+    (again,) = results.read_results(tmp_path / "cell")["records"]
+    assert (again["acc"], "".join(map(str, again["outcomes"]))) == (cell["acc"], cell["outcomes"])
+    capsys.readouterr()
+    assert main(["report", str(tmp_path / "cell"), "--publish", str(published)]) == 0  # any qa folder
+    Ledger(tmp_path / "ppl", "ppl", CONFIG).add([record("full", 0.2)])
+    assert main(["report", str(tmp_path / "ppl"), "--publish", str(published)]) == 2
+    assert "--publish takes an `eval qa` folder" in capsys.readouterr().err

@@ -249,6 +249,13 @@ def add_eval_commands(subparsers: argparse._SubParsersAction) -> None:
         formatter_class=argparse.RawDescriptionHelpFormatter,
     )
     report.add_argument("dir", type=Path, help="a folder written by `kvmerge eval ...`")
+    report.add_argument(
+        "--publish",
+        type=Path,
+        metavar="JSON",
+        help="also write an `eval qa` folder as a citable table: accuracy, documents, per-document outcomes and "
+        "their hash, the paired intervals and the command that measures each cell again (docs/results/table1.json)",
+    )
     report.set_defaults(func=_run_report)
 
 
@@ -394,13 +401,23 @@ def _run_growth(args: argparse.Namespace) -> int:
 
 
 def _run_report(args: argparse.Namespace) -> int:
+    import json
+
     from kvmerge.cli import UsageError
-    from kvmerge.eval.results import render_report
+    from kvmerge.eval.qa import publish
+    from kvmerge.eval.results import read_results, render_report
 
     if not (args.dir / "results.json").is_file():
         raise UsageError(f"{args.dir}/results.json not found: give a folder written by kvmerge (eval, demo, bench)")
     try:
         print(render_report(args.dir).read_text())
+        payload = read_results(args.dir)
     except ValueError as error:  # a corrupt or foreign results.json
         raise UsageError(str(error)) from error
+    if args.publish is not None:
+        if payload["benchmark"] != "qa":
+            raise UsageError(f"--publish takes an `eval qa` folder; {args.dir} holds {payload['benchmark']} results")
+        args.publish.parent.mkdir(parents=True, exist_ok=True)
+        args.publish.write_text(json.dumps(publish(payload), indent=1) + "\n")
+        print(f"published: {args.publish}")
     return 0

@@ -167,3 +167,51 @@ def render(payload: dict, out_dir: Path) -> str:
             + "\n".join(rows)
         )
     return f"{text}\n\n![accuracy](qa.png)\n\nWall time of all runs: {sum(r['seconds'] for r in records):.0f} s."
+
+
+def cell_command(config: dict, task: str, method: str, budget, seed: int) -> str:
+    """The ``kvmerge eval qa`` command that measures one cell of a results folder again, alone."""
+    parts = [
+        "kvmerge eval qa",
+        f"--tasks kvmerge_{task}",
+        f"--methods {method}",
+        *([] if budget is None else [f"--budgets {budget}"]),
+        f"--seeds {seed}",
+        *([] if config.get("limit") is None else [f"--limit {config['limit']}"]),
+        f"--batch-size {config['batch_size']}",
+        f"--chunk {config['chunk']}",
+        *(f"--option {key}={value}" for key, value in sorted((config.get("options") or {}).items())),
+        *([] if config.get("model", "default") == "default" else [f"--model {config['model']}"]),
+        f"--out runs/cell-{task}-{method}",
+    ]
+    return " ".join(parts)
+
+
+def publish(payload: dict) -> dict:
+    """A ``qa`` results folder's payload as the citable JSON of a table: per task and method (``method``,
+    ``method@budget``, ``@seed`` for seeded methods) the accuracy, documents, per-document outcomes
+    (as a 0/1 string) with their SHA-256, and the command that measures that cell again; the paired
+    intervals of every ``selector+absorber`` against its selector; the model, data digest and versions."""
+    config = payload["config"]
+    cells: dict[str, dict[str, dict]] = {}
+    for r in payload["records"]:
+        name = r["method"] + ("" if r["budget"] is None else f"@{r['budget']}")
+        name += f"@seed{r['seed']}" if results.is_seeded(r["method"], config.get("options")) else ""
+        outcomes = "".join(map(str, r["outcomes"]))
+        cells.setdefault(r["task"], {})[name] = {
+            "acc": r[METRIC],
+            "n": r["n"],
+            "outcomes": outcomes,
+            "outcomes_sha256": results.digest(outcomes),
+            "seconds": round(r["seconds"], 1),
+            "command": cell_command(config, r["task"], r["method"], r["budget"], r["seed"]),
+        }
+    keep = ("model", "limit", "chunk", "batch_size", "options", "budget_semantics", "data_sha256", "settings")
+    return {
+        "benchmark": "qa",
+        "created": payload["created"],
+        "config": {key: config[key] for key in keep if key in config},
+        "versions": payload["versions"],
+        "cells": cells,
+        "paired": paired_differences(payload["records"]),
+    }
