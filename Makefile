@@ -36,7 +36,8 @@ test: lint
 
 # The core tests (cache, oracles, methods, compaction) on other transformers versions: the lowest
 # supported (test-compat) and the newest that resolves today, without constraints.txt (test-newest).
-CORE_TESTS = tests/test_cache.py tests/test_oracle.py tests/test_methods.py tests/test_compaction.py tests/test_observed_rows.py
+CORE_TESTS = tests/test_cache.py tests/test_oracle.py tests/test_methods.py tests/test_compaction.py tests/test_observed_rows.py \
+	tests/test_ask.py
 
 test-compat:
 	$(MAKE) core-tests ENV=$(COMPAT) SPEC="$(TRANSFORMERS_LOWEST)"
