@@ -25,9 +25,10 @@ from torch.nn.functional import pad, scaled_dot_product_attention
 from transformers.cache_utils import Cache, CacheLayerMixin
 from transformers.integrations.sdpa_attention import sdpa_attention_forward
 
+from kvmerge.layer_stack import LayerStack
 from kvmerge.method import Entries, Eviction, Method
 from kvmerge.positions import KeyRotation
-from kvmerge.slots import copy_slots, read_slots
+from kvmerge.slots import copy_slots, extend, read_slots
 from kvmerge.stats import Observation
 
 _handoff = threading.local()
@@ -552,7 +553,7 @@ class KVMergeLayer(CacheLayerMixin):
             if not self.compressing:  # the cache grows: room for the next steps, not one reallocation each
                 room = _GROWTH
             for name, fresh in new.items():
-                held[name], self._buffers[name] = _extend(held[name], fresh, self._buffers.get(name), room)
+                held[name], self._buffers[name] = extend(held[name], fresh, self._buffers.get(name), room)
         else:  # as DynamicCache: no room kept
             held = {name: torch.cat([held[name], fresh], dim=2) for name, fresh in new.items()}
         self._hold(held)
@@ -757,111 +758,6 @@ class KVMergeLayer(CacheLayerMixin):
             self.budgets, self.recent = fn(self.budgets), fn(self.recent)
 
 
-class LayerStack:
-    """Compresses the decoding steps of a cache's layers together.
-
-    A decoding step that evicts one entry per row in place runs the same few dozen small ops in every
-    layer, and on a CPU such ops cost their launch, not their size. So each layer leaves that step's
-    compression here (``pending``), and after the last layer's attention the stack compresses them
-    all as one layer whose batch is every layer's rows: the layers' per-entry buffers are slices of
-    one buffer ``[layers * batch, kv_heads, n, ...]`` (layer-major), and the method sees ``layer_idx``
-    per row, ``[layers * batch, 1, 1]``. A layer's compression reads and writes only its own rows,
-    and nothing reads a layer's cache between its attention and its next one, so this is exactly
-    compressing each layer after its attention. The buffers are stacked (copied) once, when decoding
-    first reaches the budget, and stay stacked while every layer evicts in place.
-    """
-
-    def __init__(self, layers: list[KVMergeLayer]):
-        self.layers = layers
-        self.pending: list[KVMergeLayer] = []
-        self._stacked: KVMergeLayer | None = None  # the layers as one
-        self._full: dict[str, torch.Tensor] = {}  # the stacked buffers by name, each full (one over budget)
-        # per layer: its slices of the buffers, and the first n - 1 entries of each (held after an eviction)
-        self._slices: list[tuple[dict[str, torch.Tensor], dict[str, torch.Tensor]]] = []
-
-    def attended(self, layer: KVMergeLayer, deferred: bool) -> None:
-        """``layer`` finished its attention call, leaving its compression to the stack or not: after
-        the last layer, compress the deferred ones. A layer that compressed alone may have left the
-        stacked buffers, so they are let go (not held beside the layers' new ones)."""
-        if not deferred:
-            self.unstack()
-        if layer is self.layers[-1]:
-            self.settle()
-
-    def unstack(self) -> None:
-        """Let go of the stacked buffers (the layers keep what they hold); stacked anew when needed."""
-        self._stacked, self._full, self._slices = None, {}, []
-
-    def settle(self) -> None:
-        """Compress every layer that deferred: together when all did, else one by one."""
-        if not self.pending:
-            return
-        pending, self.pending = self.pending, []
-        if not self._is_stacked():
-            self.unstack()
-        if len(pending) == len(self.layers) and (self._stacked is not None or self._stack()):
-            self._compress_stacked()
-        else:
-            for layer in pending:
-                layer.compress()
-
-    def _is_stacked(self) -> bool:
-        """Whether every layer still holds, full, its slices of the stacked buffers."""
-        if self._stacked is None:
-            return False
-        n = self._full["index"].shape[2]
-        return all(
-            layer.index.shape[-1] == n and all(layer._buffers.get(name) is part for name, part in full.items())
-            for layer, (full, _) in zip(self.layers, self._slices, strict=True)
-        )
-
-    def _stack(self) -> bool:
-        """Copy the layers' per-entry tensors into stacked buffers; ``False`` when their shapes, dtypes or
-        devices (``device_map``) differ."""
-        first = self.layers[0]
-        named = [layer._named(layer.entries) for layer in self.layers]
-        same = all(
-            layer.budget_max == first.budget_max
-            and layer.device == first.device
-            and all(t.shape == named[0][k].shape and t.dtype == named[0][k].dtype for k, t in held.items())
-            for layer, held in zip(self.layers, named, strict=True)
-        )
-        if not same:
-            return False
-        self._full = {name: torch.cat([held[name] for held in named]) for name in named[0]}
-        batch, n = first.index.shape[0], first.index.shape[-1]
-        layer_ids = torch.tensor([layer.layer_idx for layer in self.layers], device=first.device)
-        stacked = KVMergeLayer(first.method, layer_ids.repeat_interleave(batch).view(-1, 1, 1))
-        stacked.lazy_initialization(self._full["keys"], self._full["values"])
-        stacked.budgets = torch.cat([layer.budgets for layer in self.layers])
-        stacked.recent = torch.cat([layer.recent for layer in self.layers])
-        stacked.budget_max, stacked.budget_min, stacked.sink = first.budget_max, first.budget_min, first.sink
-        stacked.compressions = 1
-        stacked._buffers = dict(self._full)
-        self._stacked, self._slices = stacked, []
-        for i, layer in enumerate(self.layers):
-            full = {name: buffer.narrow(0, i * batch, batch) for name, buffer in self._full.items()}
-            self._slices.append((full, {name: part.narrow(2, 0, n - 1) for name, part in full.items()}))
-            layer._buffers = dict(full)
-            layer._hold(full)
-        return True
-
-    def _compress_stacked(self) -> None:
-        """One in-place eviction for every layer's rows, then each layer holds its kept slices."""
-        stacked = self._stacked
-        stacked.valid_seen = torch.cat([layer.valid_seen for layer in self.layers])
-        stacked._value_sums = {
-            name: torch.cat([layer._value_sums[name] for layer in self.layers]) for name in stacked._sum_names
-        }
-        stacked._hold(self._full)
-        stacked.compress()
-        for layer, (_, held) in zip(self.layers, self._slices, strict=True):
-            layer._hold(held)
-            layer.ordered = False
-            layer.compressions += 1
-            layer.since_compression = 0
-
-
 class KVMergeCache(Cache):
     """A transformers ``Cache`` bounded by a :class:`~kvmerge.method.Method`; build it with
     :func:`kvmerge.make_cache`. ``compress_together`` lets a :class:`LayerStack` compress the layers'
@@ -932,31 +828,6 @@ class KVMergeCache(Cache):
 
     def __repr__(self) -> str:
         return f"KVMergeCache(method={self.method.name!r}, layers={len(self.layers)}, seen={self.get_seq_length()})"
-
-
-def _is_prefix_view(held: torch.Tensor, buffer: torch.Tensor) -> bool:
-    """Whether ``held`` is ``buffer[:, :, :n]`` for some ``n``."""
-    return (
-        held.data_ptr() == buffer.data_ptr()
-        and held.stride() == buffer.stride()
-        and held.shape[:2] == buffer.shape[:2]
-        and held.shape[3:] == buffer.shape[3:]
-        and held.shape[2] <= buffer.shape[2]
-    )
-
-
-def _extend(
-    held: torch.Tensor, new: torch.Tensor, buffer: torch.Tensor | None, room: int
-) -> tuple[torch.Tensor, torch.Tensor]:
-    """``held`` ``[batch, kv_heads, n, ...]`` followed by ``new`` ``[batch, kv_heads, r, ...]`` along the
-    entries, and the buffer the result is a view of. Written into ``buffer``'s room when ``held`` is a
-    view of its first entries and the room suffices; otherwise a new buffer, with ``room`` entries to spare."""
-    n, r = held.shape[2], new.shape[2]
-    if buffer is None or buffer.shape[2] < n + r or not _is_prefix_view(held, buffer):
-        buffer = new.new_empty(*held.shape[:2], n + r + room, *held.shape[3:])
-        buffer.narrow(2, 0, n).copy_(held)
-    buffer.narrow(2, n, r).copy_(new)
-    return (buffer if n + r == buffer.shape[2] else buffer.narrow(2, 0, n + r)), buffer
 
 
 def _span(tensor: torch.Tensor, start: int, stop: int, dim: int | None = None) -> torch.Tensor:

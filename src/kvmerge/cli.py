@@ -33,9 +33,8 @@ EPILOG_ASK = """examples:
   kvmerge ask --context report.txt --method h2o+cam --budget 0.2 --question "Who wrote it?" --question "When?"
   kvmerge ask --context book.txt --method snapkv --budget 512 --question "Summarise chapter 1." --json
 
-The context is compressed once (a float budget is a fraction of it, chat template included); each
-question is answered from a copy of the compressed cache that stops compressing, so the questions and
-answers are kept whole, and the questions run as one left-padded batch (--batch-size to split them).
+The context is compressed once (a float budget is a fraction of it); the questions are answered, whole
+and as one left-padded batch (--batch-size splits it), from copies of the compressed cache.
 """
 EPILOG_PPL = """examples:
   kvmerge ppl --method h2o+cam --budget 0.2
@@ -188,41 +187,23 @@ def _cmd_generate(args: argparse.Namespace) -> int:
 
 
 def _cmd_ask(args: argparse.Namespace) -> int:
-    from kvmerge.pipeline import answer_questions, check_inputs, compress_context, encode
+    from kvmerge.pipeline import answer_file
 
     options = {"seed": args.seed} | ({"chunk_size": args.chunk} if args.chunk else {})
     with _user_errors():
         _check_method(args.method, args.budget, **options)
-        context = args.context.read_text(encoding="utf-8")
-        check_inputs(context, args.question)
-        model, tokenizer = kvmerge.load_model(_model_name(args.model))
-        context_ids, question_ids = encode(tokenizer, context, args.question, chat=not args.raw)
-    start = time.perf_counter()
-    cache = compress_context(model, context_ids, args.method, args.budget, **options)
-    compressed = time.perf_counter()
-    answers = answer_questions(model, tokenizer, cache, context_ids, question_ids, args.max_new_tokens, args.batch_size)
-    answered = time.perf_counter()
-    held, full = cache.kv_bytes(), cache.kv_bytes_full()
-    summary = {
-        "method": args.method,
-        "budget": args.budget,
-        "context_tokens": len(context_ids),
-        "kept_per_head": cache.kept_tokens(),
-        "kv_bytes": held,
-        "kv_bytes_full": full,
-        "compress_seconds": round(compressed - start, 3),
-        "answer_seconds": round(answered - compressed, 3),
-        "answers": [{"question": q, "answer": a} for q, a in zip(args.question, answers, strict=True)],
-    }
+        run = answer_file(args.context, args.question, args.method, args.budget, _model_name(args.model), options)
+    summary = run(args.max_new_tokens, args.batch_size, chat=not args.raw)
     if args.json:
         print(json.dumps(summary, indent=2))
         return 0
-    for question, answer in zip(args.question, answers, strict=True):
-        print(f"Q: {question}\nA: {answer}\n")
+    for pair in summary["answers"]:
+        print(f"Q: {pair['question']}\nA: {pair['answer']}\n")
     print(
-        f"kvmerge: {args.method}: context of {len(context_ids)} tokens compressed to {cache.kept_tokens()} entries "
-        f"per head in {compressed - start:.1f} s (KV {held / 2**20:.2f} MiB vs {full / 2**20:.2f} MiB full); "
-        f"{len(answers)} answers in {answered - compressed:.1f} s",
+        f"kvmerge: {args.method}: context of {summary['context_tokens']} tokens compressed to "
+        f"{summary['kept_per_head']} entries per head in {summary['compress_seconds']:.1f} s (KV "
+        f"{summary['kv_bytes'] / 2**20:.2f} MiB vs {summary['kv_bytes_full'] / 2**20:.2f} MiB full); "
+        f"{len(summary['answers'])} answers in {summary['answer_seconds']:.1f} s",
         file=sys.stderr,
     )
     return 0
@@ -374,9 +355,7 @@ def build_parser() -> argparse.ArgumentParser:
     sub = command("ask", "compress a context once and answer several questions from it", EPILOG_ASK)
     method_options(sub, None, "context tokens per compression step (default 32; 1 = token by token)")
     sub.add_argument("--context", type=Path, required=True, help="text file holding the context")
-    sub.add_argument(
-        "--question", action="append", required=True, help="a question about the context (repeat for several)"
-    )
+    sub.add_argument("--question", action="append", required=True, help="a question (repeat for several)")
     sub.add_argument("--max-new-tokens", type=positive_int, default=64, help="tokens per answer (default 64)")
     sub.add_argument("--batch-size", type=positive_int, help="questions answered per batch (default: all at once)")
     sub.add_argument("--raw", action="store_true", help="do not apply the tokenizer's chat template")

@@ -15,7 +15,9 @@ alone and asking that single question gives.
 
 from __future__ import annotations
 
-from collections.abc import Sequence
+import time
+from collections.abc import Callable, Sequence
+from pathlib import Path
 
 import torch
 from transformers import AutoModelForCausalLM, Pipeline, PreTrainedModel
@@ -140,6 +142,38 @@ def ask(
     context_ids, question_ids = encode(tokenizer, context, questions, chat)
     cache = compress_context(model, context_ids, method, budget, **options)
     return answer_questions(model, tokenizer, cache, context_ids, question_ids, max_new_tokens, batch_size)
+
+
+def answer_file(
+    context_file: Path, questions: Sequence[str], method: str, budget, model_name: str, options: dict
+) -> Callable[..., dict]:
+    """``kvmerge ask``: read and check the context file and the questions, load the model (every user
+    error raised here, before any compute), then return the run: ``run(max_new_tokens, batch_size,
+    chat)`` compresses the context, answers, and returns the answers with the context's size, the KV
+    bytes held against a full cache's and the seconds of both phases."""
+    context = context_file.read_text(encoding="utf-8")
+    check_inputs(context, questions)
+    model, tokenizer = kvmerge.load_model(model_name)
+
+    def run(max_new_tokens: int, batch_size: int | None, chat: bool = True) -> dict:
+        context_ids, question_ids = encode(tokenizer, context, questions, chat)
+        start = time.perf_counter()
+        cache = compress_context(model, context_ids, method, budget, **options)
+        compressed = time.perf_counter()
+        answers = answer_questions(model, tokenizer, cache, context_ids, question_ids, max_new_tokens, batch_size)
+        return {
+            "method": method,
+            "budget": budget,
+            "context_tokens": len(context_ids),
+            "kept_per_head": cache.kept_tokens(),
+            "kv_bytes": cache.kv_bytes(),
+            "kv_bytes_full": cache.kv_bytes_full(),
+            "compress_seconds": round(compressed - start, 3),
+            "answer_seconds": round(time.perf_counter() - compressed, 3),
+            "answers": [{"question": q, "answer": a} for q, a in zip(questions, answers, strict=True)],
+        }
+
+    return run
 
 
 class KVMergePipeline(Pipeline):

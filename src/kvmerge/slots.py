@@ -5,6 +5,7 @@ KV head) names its own slots.
 CPU. The cache's per-entry tensors are prefixes of contiguous buffers, so their entries are rows of
 one flat matrix, and ``index_select``/``index_copy_``/``index_add_`` move whole entries at once
 (4-30x faster for 90-720 rows of 64 floats here); other layouts take the element-wise ops.
+:func:`extend` appends entries into such a buffer's room, without reallocating.
 """
 
 from __future__ import annotations
@@ -53,6 +54,31 @@ def add_to_slots(tensor: torch.Tensor, slots: torch.Tensor, values: torch.Tensor
     else:
         rows, starts = flat
         rows.index_add_(0, (slots + starts).view(-1), values.reshape(-1, *values.shape[3:]))
+
+
+def is_prefix_view(held: torch.Tensor, buffer: torch.Tensor) -> bool:
+    """Whether ``held`` is ``buffer[:, :, :n]`` for some ``n``."""
+    return (
+        held.data_ptr() == buffer.data_ptr()
+        and held.stride() == buffer.stride()
+        and held.shape[:2] == buffer.shape[:2]
+        and held.shape[3:] == buffer.shape[3:]
+        and held.shape[2] <= buffer.shape[2]
+    )
+
+
+def extend(
+    held: torch.Tensor, new: torch.Tensor, buffer: torch.Tensor | None, room: int
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """``held`` ``[batch, kv_heads, n, ...]`` followed by ``new`` ``[batch, kv_heads, r, ...]`` along the
+    entries, and the buffer the result is a view of. Written into ``buffer``'s room when ``held`` is a
+    view of its first entries and the room suffices; otherwise a new buffer, with ``room`` entries to spare."""
+    n, r = held.shape[2], new.shape[2]
+    if buffer is None or buffer.shape[2] < n + r or not is_prefix_view(held, buffer):
+        buffer = new.new_empty(*held.shape[:2], n + r + room, *held.shape[3:])
+        buffer.narrow(2, 0, n).copy_(held)
+    buffer.narrow(2, n, r).copy_(new)
+    return (buffer if n + r == buffer.shape[2] else buffer.narrow(2, 0, n + r)), buffer
 
 
 def _flat_rows(tensor: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor] | None:
