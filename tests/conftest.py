@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import os
+from pathlib import Path
 
 import pytest
 import torch
@@ -101,3 +102,18 @@ def text_file(tmp_path_factory):
     path = tmp_path_factory.mktemp("text") / "austen.txt"
     path.write_text(TEXT, encoding="utf-8")
     return path
+
+
+def random_less_kernels(
+    directory: Path, layers: int, head_dim: int = 16, query_heads: int = 4, kv_heads: int = 2
+) -> Path:
+    """Untrained LESS kernels for a tiny model, saved to ``directory``; their scales set to 1 (not the
+    training start's 1e-4) so that the state weighs as much as a kept entry."""
+    from kvmerge.absorbers.less import LessKernels, save_kernels
+
+    torch.manual_seed(0)
+    kernels = torch.nn.ModuleList(LessKernels(head_dim, query_heads, kv_heads, hidden=8, rank=4) for _ in range(layers))
+    for module in kernels:
+        torch.nn.init.ones_(module.scale)
+    meta = {"head_dim": head_dim, "query_heads": query_heads, "kv_heads": kv_heads, "hidden": 8, "rank": 4}
+    return save_kernels(kernels, directory, meta)

@@ -180,7 +180,7 @@ def test_generate_with_chat_template_on_smollm2(capsys):
 
 def test_train_less_and_calibrate_kvmerger_commands(capsys, tiny_dir, tmp_path):
     out = tmp_path / "kernels"
-    argv = ["--model", str(tiny_dir), "--sequences", "2", "--tokens", "48", "--steps", "3", "--out", str(out)]
+    argv = ["--model", str(tiny_dir), "--sequences", "2", "--tokens", "48", "--epochs", "2", "--out", str(out)]
     assert main(["train-less", "--method", "h2o", "--budget", "0.5", "--no-progress", *argv]) == 0
     assert (out / "kernels.pt").is_file() and (out / "config.json").is_file() and (out / "loss.png").is_file()
     assert f"kernels: {out}" in capsys.readouterr().out

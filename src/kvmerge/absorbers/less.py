@@ -2,49 +2,98 @@
 
 Per KV head the state is ``H = sum psi(k) v^T`` and ``z = sum psi(k)`` over evicted entries;
 a query q then attends with ``(phi(q)^T H + sum_kept e^{s_j} v_j) / (phi(q)^T z + sum_kept e^{s_j})``.
-``phi`` and ``psi`` are small learned MLPs (head_dim -> hidden -> rank) with non-negative outputs,
-kept here as log-features (``phi = exp(log_phi)``) so that every sum is a stable log-sum-exp,
-and the state carries its own log scale. Train the kernels with ``kvmerge train-less``.
+``phi`` (one per query head) and ``psi`` (one per KV head, shared by its group as the official code
+shares it across a multi-query model's heads) are the official two-layer feature maps with
+non-negative outputs. Train the kernels with ``kvmerge train-less``.
 """
 
 from __future__ import annotations
 
 import json
+import math
 from dataclasses import dataclass, field
 from pathlib import Path
 
 import torch
 from torch import nn
+from torch.nn.functional import gelu
 
 from kvmerge.config import CompressionConfig
 from kvmerge.method import Absorber, Eviction
 
+FORMAT = 2  # kernels.pt layout; 1 was a shared exp(SiLU) map per layer
+
+
+def _uniform(*shape: int, fan: int) -> nn.Parameter:
+    bound = math.sqrt(6 / fan)
+    return nn.Parameter(torch.empty(*shape).uniform_(-bound, bound))
+
 
 class LessKernels(nn.Module):
-    """The two feature maps of one layer; both return log-features ``[..., rank]``."""
+    """The feature maps of one layer, as the official code builds them.
 
-    def __init__(self, head_dim: int, hidden: int = 32, rank: int = 8):
+    ``phi(q) = |gelu(gelu(q W1) W2)|`` per query head; ``psi(k) = |f + (f I) * s2|`` per KV head with
+    ``f = |s1| * gelu(gelu(k W1) W2)``. The scales ``s1``, ``s2`` start at 1e-4, so an untrained state
+    adds almost nothing and training starts from plain eviction.
+    """
+
+    def __init__(self, head_dim: int, query_heads: int, kv_heads: int, hidden: int = 512, rank: int = 8):
         super().__init__()
-        self.query = nn.Sequential(nn.Linear(head_dim, hidden), nn.SiLU(), nn.Linear(hidden, rank))
-        self.key = nn.Sequential(nn.Linear(head_dim, hidden), nn.SiLU(), nn.Linear(hidden, rank))
+        self.query_in = _uniform(query_heads, head_dim, hidden, fan=head_dim + hidden)
+        self.query_out = _uniform(query_heads, hidden, rank, fan=hidden + rank)
+        self.key_in = _uniform(kv_heads, head_dim, hidden, fan=head_dim + hidden)
+        self.key_out = _uniform(kv_heads, hidden, rank, fan=hidden + rank)
+        self.interaction = _uniform(kv_heads, rank, rank, fan=2 * rank)
+        self.scale = nn.Parameter(torch.full((kv_heads, 1, rank), 1e-4))
+        self.interaction_scale = nn.Parameter(torch.full((kv_heads, 1, rank), 1e-4))
 
-    def log_phi(self, queries: torch.Tensor) -> torch.Tensor:
-        return self.query(queries)
+    def phi(self, queries: torch.Tensor) -> torch.Tensor:
+        """``[..., query_heads, L, head_dim]`` -> non-negative features ``[..., query_heads, L, rank]``."""
+        hidden = gelu(torch.einsum("...hld,hde->...hle", queries, self.query_in))
+        return gelu(torch.einsum("...hle,her->...hlr", hidden, self.query_out)).abs()
 
-    def log_psi(self, keys: torch.Tensor) -> torch.Tensor:
-        return self.key(keys)
+    def psi(self, keys: torch.Tensor) -> torch.Tensor:
+        """``[..., kv_heads, L, head_dim]`` -> non-negative features ``[..., kv_heads, L, rank]``."""
+        hidden = gelu(torch.einsum("...hld,hde->...hle", keys, self.key_in))
+        features = self.scale.abs() * gelu(torch.einsum("...hle,her->...hlr", hidden, self.key_out))
+        return (
+            features + torch.einsum("...hlr,hrs->...hls", features, self.interaction) * self.interaction_scale
+        ).abs()
 
 
-def pair_logits(log_phi: torch.Tensor, log_psi: torch.Tensor) -> torch.Tensor:
-    """``log(phi(q_i)^T psi(k_j))`` for all pairs: ``[..., Lq, R]`` x ``[..., Lk, R]`` -> ``[..., Lq, Lk]``."""
-    return torch.logsumexp(log_phi.unsqueeze(-2) + log_psi.unsqueeze(-3), dim=-1)
+def kernel_dir(model_name: str, selector: str, budget: int | float) -> Path:
+    """Where ``kvmerge train-less`` puts the kernels of a model, selector and budget by default."""
+    from kvmerge.models import cache_dir
+
+    return cache_dir() / "less" / f"{Path(model_name).name}-{selector}-{budget}"
+
+
+def find_kernels(model_name: str, selector: str, budget: int | float) -> Path:
+    """The default kernel directory of a model, selector and budget; a one-line error naming the
+    command that makes them when there are none."""
+    directory = kernel_dir(model_name, selector, budget)
+    if not (directory / "kernels.pt").exists():
+        raise FileNotFoundError(
+            f"no LESS kernels for {Path(model_name).name}, {selector}, budget {budget} in {directory}: make them with "
+            f"`kvmerge train-less --model {model_name} --method {selector} --budget {budget}` or pass kernels=DIR"
+        )
+    return directory
+
+
+def with_kernels(method: str, budget: int | float | None, model_name: str, options: dict) -> dict:
+    """``options`` with ``kernels`` found for ``model_name`` (:func:`find_kernels`) when ``method`` is
+    ``selector+less`` without them; else ``options`` as given."""
+    selector, _, absorber = method.strip().lower().partition("+")
+    if absorber != "less" or options.get("kernels") is not None:
+        return options
+    return options | {"kernels": find_kernels(model_name, selector, budget)}
 
 
 def save_kernels(kernels: nn.ModuleList, directory: Path, meta: dict) -> Path:
     """Write ``kernels.pt`` (one state dict per layer) and ``config.json`` into ``directory``."""
     directory.mkdir(parents=True, exist_ok=True)
     torch.save([k.state_dict() for k in kernels], directory / "kernels.pt")
-    (directory / "config.json").write_text(json.dumps(meta, indent=2))
+    (directory / "config.json").write_text(json.dumps(meta | {"format": FORMAT}, indent=2))
     return directory
 
 
@@ -54,8 +103,13 @@ def load_kernels(directory: str | Path) -> tuple[nn.ModuleList, dict]:
     if not (directory / "kernels.pt").exists() or not (directory / "config.json").exists():
         raise FileNotFoundError(f"no LESS kernels in {directory}: train them with `kvmerge train-less`")
     meta = json.loads((directory / "config.json").read_text())
+    if meta.get("format") != FORMAT:
+        raise ValueError(
+            f"LESS kernels in {directory} are of an older layout: train them again with `kvmerge train-less`"
+        )
     states = torch.load(directory / "kernels.pt", weights_only=True)
-    kernels = nn.ModuleList(LessKernels(meta["head_dim"], meta["hidden"], meta["rank"]) for _ in states)
+    shape = (meta["head_dim"], meta["query_heads"], meta["kv_heads"], meta["hidden"], meta["rank"])
+    kernels = nn.ModuleList(LessKernels(*shape) for _ in states)
     for module, state in zip(kernels, states, strict=True):
         module.load_state_dict(state)
     return kernels.eval().requires_grad_(False), meta
@@ -81,31 +135,23 @@ class LESS(Absorber):
         object.__setattr__(self, "modules", load_kernels(self.kernels)[0])
 
     def absorb(self, eviction: Eviction, config: CompressionConfig) -> None:
-        """Add the evicted entries to the state: ``z += psi(k)``, ``H += psi(k) v^T`` (log-scaled)."""
+        """Add the evicted entries to the state: ``z += psi(k)``, ``H += psi(k) v^T``."""
         before, state, slots = eviction.before, eviction.state, eviction.evicted_slots
         kernels = self._kernels(before.layer_idx, before.keys.device)
         if slots is not None:  # the same count per row (decoding: one): features of those entries only
             spread = slots.unsqueeze(-1).expand(-1, -1, -1, before.keys.shape[-1])
             keys, values = before.keys.gather(2, spread), before.values.gather(2, spread)
-            log_psi = kernels.log_psi(keys.float())
-            if eviction.evicting is not None:  # rows that gave up an empty slot absorb nothing
-                log_psi = log_psi.masked_fill(~eviction.evicting.unsqueeze(-1), float("-inf"))
+            evicted = eviction.evicting  # rows that gave up an empty slot absorb nothing
         else:
-            keys, values = before.keys, before.values
-            log_psi = kernels.log_psi(keys.float()).masked_fill(~eviction.evicted.unsqueeze(-1), float("-inf"))
-        batch, heads, _, rank = log_psi.shape
+            keys, values, evicted = before.keys, before.values, eviction.evicted
+        psi = kernels.psi(keys.float())  # [b, h, n, R]
+        if evicted is not None:
+            psi = psi * evicted.unsqueeze(-1)
         if not state:
-            state["log_scale"] = torch.full((batch, heads), float("-inf"), device=log_psi.device)
-            state["z"] = torch.zeros(batch, heads, rank, device=log_psi.device)
-            state["h"] = torch.zeros(batch, heads, rank, before.values.shape[-1], device=log_psi.device)
-        scale = torch.maximum(state["log_scale"], log_psi.amax(dim=(-2, -1)))
-        safe = torch.where(torch.isfinite(scale), scale, 0.0)
-        decay = torch.exp(state["log_scale"] - safe).nan_to_num(0.0).unsqueeze(-1)  # [b, h, 1]
-        weights = torch.exp(log_psi - safe.view(batch, heads, 1, 1))  # [b, h, n, r], 0 where not evicted
-        state["z"] = state["z"] * decay + weights.sum(dim=2)
-        absorbed = torch.einsum("bhnr,bhnd->bhrd", weights, values.float())
-        state["h"] = state["h"] * decay.unsqueeze(-1) + absorbed
-        state["log_scale"] = scale
+            state["z"] = torch.zeros(*psi.shape[:2], psi.shape[-1], device=psi.device)
+            state["h"] = torch.zeros(*psi.shape[:2], psi.shape[-1], values.shape[-1], device=psi.device)
+        state["z"] = state["z"] + psi.sum(dim=2)
+        state["h"] = state["h"] + torch.einsum("bhnr,bhnd->bhrd", psi, values.float())
 
     def state_attention(
         self, state: dict[str, torch.Tensor], queries: torch.Tensor, layer_idx: int
@@ -114,12 +160,12 @@ class LESS(Absorber):
         ``phi^T H / phi^T z`` ``[b, h, g, r, d]``; ``None`` before anything was evicted."""
         if not state:
             return None
-        log_phi = self._kernels(layer_idx, queries.device).log_phi(queries.float())  # [b, h, g, r, R]
-        terms = log_phi + state["z"].log().view(*state["z"].shape[:2], 1, 1, -1)
-        log_mass = state["log_scale"].view(*state["z"].shape[:2], 1, 1) + torch.logsumexp(terms, dim=-1)
-        per_rank = state["h"] / state["z"].unsqueeze(-1).clamp(min=1e-30)  # [b, h, R, d]
-        mean = torch.einsum("bhgqr,bhrd->bhgqd", terms.softmax(dim=-1).nan_to_num(0.0), per_rank)
-        return log_mass, mean
+        batch, heads, group, rows, dim = queries.shape
+        phi = self._kernels(layer_idx, queries.device).phi(queries.float().reshape(batch, heads * group, rows, dim))
+        phi = phi.view(batch, heads, group, rows, -1)
+        mass = torch.einsum("bhgqr,bhr->bhgq", phi, state["z"])
+        mean = torch.einsum("bhgqr,bhrd->bhgqd", phi, state["h"]) / mass.unsqueeze(-1).clamp(min=1e-30)
+        return mass.log(), mean
 
     def _kernels(self, layer_idx: int, device: torch.device) -> LessKernels:
         if layer_idx >= len(self.modules):

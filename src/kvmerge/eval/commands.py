@@ -266,6 +266,8 @@ def _load(args: argparse.Namespace):
     from kvmerge.eval.data import data_folder, load_text
     from kvmerge.eval.perplexity import require_step_schedule
     from kvmerge.eval.results import claim_out_dir, run_grid
+    from kvmerge.absorbers.less import with_kernels
+    from kvmerge.models import model_label
     from kvmerge.registry import options_for
 
     args.options = dict(args.options)
@@ -274,7 +276,7 @@ def _load(args: argparse.Namespace):
         if unused:
             raise UsageError(f"no method of {','.join(args.methods)} takes option(s) {', '.join(sorted(unused))}")
         for method, budget, seed in run_grid(args.methods, args.budgets, args.seeds, args.options):
-            own = options_for(method, args.options)
+            own = with_kernels(method, budget, model_label(args.model), options_for(method, args.options))
             built = kvmerge.make_method(method, budget, seed=seed, chunk_size=_chunk(args), **own)
             if args.benchmark in TEACHER_FORCED:
                 require_step_schedule(built)
