@@ -178,7 +178,8 @@ def test_generate_with_chat_template_on_smollm2(capsys):
     assert "8 new tokens" in captured.err or "new tokens" in captured.err
 
 
-def test_train_less_and_calibrate_kvmerger_commands(capsys, tiny_dir, tmp_path):
+def test_train_less_and_calibrate_kvmerger_commands(capsys, tiny_dir, tmp_path, text_file, monkeypatch):
+    monkeypatch.setenv("KVMERGE_CACHE", str(tmp_path / "cache"))
     out = tmp_path / "kernels"
     argv = ["--model", str(tiny_dir), "--sequences", "2", "--tokens", "48", "--epochs", "2", "--out", str(out)]
     assert main(["train-less", "--method", "h2o", "--budget", "0.5", "--no-progress", *argv]) == 0
@@ -186,6 +187,13 @@ def test_train_less_and_calibrate_kvmerger_commands(capsys, tiny_dir, tmp_path):
     assert f"kernels: {out}" in capsys.readouterr().out
     cache = kvmerge.make_cache(kvmerge.load_model(str(tiny_dir))[0], "h2o+less", 0.5, kernels=str(out))
     assert cache.method.name == "h2o+less"
+    ppl = ["ppl", "--model", str(tiny_dir), "--method", "h2o+less", "--budget", "0.5", "--data", str(text_file)]
+    assert main([*ppl, "--tokens", "40"]) == 2  # no kernels in the default directory: the command that makes them
+    assert f"kvmerge train-less --model {tiny_dir} --method h2o --budget 0.5" in error_line(capsys)
+    assert main([*ppl, "--tokens", "40", "--option", f"kernels={out}", "--json", "--no-progress"]) == 0
+    assert json.loads(capsys.readouterr().out)["method"] == "h2o+less"
+    generate = ["generate", "--model", str(tiny_dir), "--method", "h2o+less", "--budget", "0.5", "--raw"]
+    assert main([*generate, "--option", f"kernels={out}", "--max-new-tokens", "4", "The sea"]) == 0
     assert main(["calibrate-kvmerger", "--target", "0.5", "--model", str(tiny_dir), "--tokens", "64"]) == 0
     printed = capsys.readouterr().out
     assert "similarity=" in printed and "(target 0.5)" in printed

@@ -17,74 +17,17 @@ import torch
 import transformers
 
 import kvmerge
+from kvmerge.cli_help import (
+    EPILOG_ASK,
+    EPILOG_CALIBRATE,
+    EPILOG_DEMO,
+    EPILOG_GENERATE,
+    EPILOG_MAIN,
+    EPILOG_METHODS,
+    EPILOG_PPL,
+    EPILOG_TRAIN_LESS,
+)
 from kvmerge.compat import with_cache
-
-EPILOG_METHODS = """examples:
-  kvmerge methods
-"""
-EPILOG_GENERATE = """examples:
-  kvmerge generate --method h2o+cam --budget 48 "Write a haiku about the sea."
-  kvmerge generate --method streaming --budget 64 --max-new-tokens 128 "Tell me a story."
-  kvmerge generate --method full --raw "The capital of France is"
-
-A float budget is a fraction of the prompt (chat template included); an int is entries per KV head.
-"""
-EPILOG_ASK = """examples:
-  kvmerge ask --context report.txt --method h2o+cam --budget 0.2 --question "Who wrote it?" --question "When?"
-  kvmerge ask --context book.txt --method snapkv --budget 512 --question "Summarise chapter 1." --json
-
-The context is compressed once (a float budget is a fraction of it); the questions are answered, whole
-and as one left-padded batch (--batch-size splits it), from copies of the compressed cache.
-"""
-EPILOG_PPL = """examples:
-  kvmerge ppl --method h2o+cam --budget 0.2
-  kvmerge ppl --method streaming+cam --budget 0.2 --data pg-essays --tokens 1024 --chunk 1 --json
-  kvmerge ppl --method tova --budget 256 --data my_book.txt --tokens 4096 --chunk 16
-
-The first --tokens tokens of the text go through one bounded cache in steps of --chunk tokens
-(1 = token by token, the StreamingLLM/CaM protocol) and every next token is scored.
-A float budget is a fraction of --tokens (0.2 = the papers' "20% KV cache").
-"""
-EPILOG_TRAIN_LESS = """examples:
-  kvmerge train-less --method h2o --budget 51
-  kvmerge train-less --method streaming --budget 0.1 --sequences 64 --out runs/less-streaming-10
-
-Trains LESS's kernels (the official architecture: per head, hidden 512, rank 8) for one selector and
-budget, layer by layer with the model frozen, on text no evaluation reads (the essays after their
-first fifth + the third quarter of Wikitext-2 test). The default directory is where make_cache(model,
-"h2o+less", 51) looks for them; an interrupted run continues from its last finished layer when run
-again. Writes the loss curve (loss.png) beside the kernels.
-"""
-EPILOG_CALIBRATE = """examples:
-  kvmerge calibrate-kvmerger --target 0.5
-  kvmerge calibrate-kvmerger --target 0.35 --tokens 1024 --model path/to/model
-
-Bisects the cosine-similarity threshold at which KVMerger's merging alone keeps --target of the
-entries of a held-out text; pass it as similarity= (make_cache(model, "snapkv+kvmerger", 0.5,
-schedule="prefill", similarity=T)).
-"""
-EPILOG_DEMO = """examples:
-  kvmerge demo
-  kvmerge demo --tokens 400 --budget 0.1 --out runs/demo-small
-
-Runs full, streaming, streaming+cam, h2o, h2o+cam, tova, scissorhands, corm (adaptive size),
-knorm and random (baselines) token by token on the first --tokens
-tokens of the Paul Graham essays and writes <out>/results.json and <out>/ppl_memory.png.
-"""
-
-
-EPILOG_MAIN = """examples:
-  kvmerge methods                                             # every method string, with its options
-  kvmerge generate --method h2o+cam --budget 48 "Write a haiku about the sea."
-  kvmerge ask --context doc.txt --method h2o+cam --budget 0.2 --question "Who?" --question "When?"
-  kvmerge ppl --method streaming+cam --budget 0.2 --tokens 512
-  kvmerge demo                                                # perplexity and KV memory of 10 methods
-  kvmerge eval qa --methods full,h2o,h2o+cam --budgets 0.2 --limit 40
-  kvmerge bench --contexts 512,2048 --batches 1
-
-Data: $KVMERGE_DATA (else ../shared/data beside the checkout); converted models: $KVMERGE_CACHE
-(else ~/.cache/kvmerge). Run 'kvmerge COMMAND --help' for each command's options and examples.
-"""
 
 
 class UsageError(Exception):
@@ -123,6 +66,11 @@ def _user_errors() -> Iterator[None]:
         raise UsageError(" ".join(str(error).split())) from error
 
 
+def _run_options(args: argparse.Namespace) -> dict:
+    """The ``make_cache`` options of a generate/ask run: its seed, ``--chunk`` and every ``--option``."""
+    return {"seed": args.seed} | ({"chunk_size": args.chunk} if args.chunk else {}) | dict(args.options)
+
+
 def _check_method(method: str, budget: int | float | None, model: str = "default", **options) -> None:
     """Validate a method and its budget before loading ``model`` (``+less``: its kernels are there)."""
     from kvmerge.absorbers.less import with_kernels
@@ -153,7 +101,7 @@ def _cmd_methods(args: argparse.Namespace) -> int:
 def _cmd_generate(args: argparse.Namespace) -> int:
     from transformers import TextStreamer
 
-    options = {"seed": args.seed} | ({"chunk_size": args.chunk} if args.chunk else {})
+    options = _run_options(args)
     if not args.prompt.strip():
         raise UsageError('the prompt is empty: give the text to answer or continue, e.g. "Tell me a story."')
     with _user_errors():
@@ -193,7 +141,7 @@ def _cmd_generate(args: argparse.Namespace) -> int:
 def _cmd_ask(args: argparse.Namespace) -> int:
     from kvmerge.pipeline import answer_file
 
-    options = {"seed": args.seed} | ({"chunk_size": args.chunk} if args.chunk else {})
+    options = _run_options(args)
     with _user_errors():
         _check_method(args.method, args.budget, args.model, **options)
         run = answer_file(args.context, args.question, args.method, args.budget, _model_name(args.model), options)
@@ -218,12 +166,14 @@ def _cmd_ppl(args: argparse.Namespace) -> int:
     from kvmerge.eval.report import results_table
 
     with _user_errors():
-        _check_method(args.method, args.budget, args.model, chunk_size=args.chunk, seed=args.seed)
+        options = dict(args.options)
+        _check_method(args.method, args.budget, args.model, chunk_size=args.chunk, seed=args.seed, **options)
         text = load_text(args.data, args.data_dir)
         model, tokenizer = kvmerge.load_model(_model_name(args.model))
         run = prepare_perplexity(
-            model, tokenizer, text, args.method, args.budget, tokens=args.tokens, chunk=args.chunk, seed=args.seed
-        )
+            model, tokenizer, text, args.method, args.budget, tokens=args.tokens, chunk=args.chunk, seed=args.seed,
+            **options,
+        )  # fmt: skip
     result = {**run.run(progress=not args.no_progress), "data": args.data}
     print(json.dumps(result) if args.json else results_table([result]))
     return 0
@@ -314,6 +264,7 @@ def build_parser() -> argparse.ArgumentParser:
     """The ``kvmerge`` argument parser."""
     from kvmerge.eval.bench import add_bench_command
     from kvmerge.eval.commands import add_eval_commands
+    from kvmerge.eval.commands import parse_option as option
     from kvmerge.eval.data import DATA_DIR_HELP, SOURCES
     from kvmerge.eval.demo import DEMO_METHODS
 
@@ -340,6 +291,10 @@ def build_parser() -> argparse.ArgumentParser:
         sub.add_argument("--model", default="default", help="'default' (SmolLM2-135M-Instruct), a local path or hub id")
         sub.add_argument("--chunk", type=positive_int, default=chunk_default, help=chunk_help)
         sub.add_argument("--seed", type=int, default=0, help="seed of the method's random choices (default 0)")
+        sub.add_argument(
+            "--option", dest="options", type=option, action="append", default=[], metavar="KEY=VALUE",
+            help="a method option (repeatable): kernels=DIR (+less), merge_window=32, ... (see 'kvmerge methods')",
+        )  # fmt: skip
 
     def threads_option(sub: argparse.ArgumentParser) -> None:
         sub.add_argument(

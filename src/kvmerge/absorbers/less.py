@@ -125,7 +125,7 @@ class LESS(Absorber):
     name = "less"
     attends = True
     layerwise = True  # per-layer kernels and state
-    description = "LESS: a learned constant-size low-rank state absorbs every evicted entry (needs kernels=DIR)"
+    description = "LESS: a learned low-rank state absorbs every evicted entry (kernels from kvmerge train-less)"
 
     def __post_init__(self) -> None:
         if self.kernels is None:

@@ -64,7 +64,7 @@ def _ints(text: str) -> list[int]:
     return values
 
 
-def _option(text: str) -> tuple[str, object]:
+def parse_option(text: str) -> tuple[str, object]:
     """``KEY=VALUE`` -> ``(key, value)``, the value read as an int, a float, a bool or else a string."""
     key, sep, value = text.partition("=")
     if not sep or not key.strip():
@@ -98,7 +98,7 @@ def _add_common(parser: argparse.ArgumentParser, methods: str, budgets: str, lim
     parser.add_argument(
         "--option",
         dest="options",
-        type=_option,
+        type=parse_option,
         action="append",
         default=[],
         metavar="KEY=VALUE",
@@ -262,11 +262,11 @@ def add_eval_commands(subparsers: argparse._SubParsersAction) -> None:
 def _load(args: argparse.Namespace):
     """Validate every (method, budget) run and the model name, then load the model (errors before any compute)."""
     import kvmerge
+    from kvmerge.absorbers.less import with_kernels
     from kvmerge.cli import UsageError, _model_name, _user_errors
     from kvmerge.eval.data import data_folder, load_text
     from kvmerge.eval.perplexity import require_step_schedule
     from kvmerge.eval.results import claim_out_dir, run_grid
-    from kvmerge.absorbers.less import with_kernels
     from kvmerge.models import model_label
     from kvmerge.registry import options_for
 
