@@ -111,8 +111,8 @@ def test_tiny_training_lowers_its_loss_and_beats_plain_eviction(tmp_path):
     model = tiny_model("llama", layers=2, seed=3)
     ids = torch.randint(0, VOCAB, (1200,), generator=torch.Generator().manual_seed(2))
     run = train_less(model, ids[:1024], "h2o", 16, directory=tmp_path, **TRAINING)
-    for curve in run.losses:
-        assert curve[-1] < 0.8 * curve[0]
+    for curve in run.losses:  # 4 steps an epoch
+        assert sum(curve[-4:]) < 0.8 * sum(curve[:4])
     held_out = ids[1024:].view(1, -1)
     plain = attention_output_errors(model, held_out, kvmerge.make_cache(model, "h2o", 16, chunk_size=1))
     less = attention_output_errors(model, held_out, kvmerge.make_cache(model, "h2o+less", 16, chunk_size=1,

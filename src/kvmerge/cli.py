@@ -229,15 +229,16 @@ def _cmd_train_less(args: argparse.Namespace) -> int:
             progress=not args.no_progress,
         )  # fmt: skip
     curve = [
-        {"layer": f"layer {i}", "epoch": epoch + 1, "loss": loss}
+        {"layer": f"layer {i}", "step": step + 1, "loss": loss}
         for i, losses in enumerate(result.losses)
         if i % max(1, len(result.losses) // 6) == 0
-        for epoch, loss in enumerate(losses)
+        for step, loss in enumerate(losses)
     ]
-    line_plot(curve, "epoch", "loss", "layer", directory / "loss.png", "LESS kernel training", "epoch", "MSE", True)
-    first = sum(c[0] for c in result.losses) / len(result.losses)
-    last = sum(c[-1] for c in result.losses) / len(result.losses)
-    print(f"trained {len(result.losses)} layers in {result.seconds:.0f} s; mean loss {first:.4g} -> {last:.4g}")
+    line_plot(curve, "step", "loss", "layer", directory / "loss.png", "LESS kernel training", "Adam step", "MSE", True)
+    meta = json.loads((directory / "config.json").read_text())
+    first, last = (sum(meta[key]) / len(meta[key]) for key in ("loss_first_epoch", "loss_last_epoch"))
+    print(f"trained {len(result.losses)} layers in {result.seconds:.0f} s; mean loss {first:.4g} -> {last:.4g} "
+          "(first -> last epoch)")  # fmt: skip
     print(f"kernels: {directory}  (make_cache(model, '{args.method}+less', {args.budget}) finds them there)")
     return 0
 

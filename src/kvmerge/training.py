@@ -37,7 +37,7 @@ class LessTraining:
     """What a training run produced: where the kernels are and each layer's loss curve."""
 
     directory: Path
-    losses: list[list[float]] = field(default_factory=list)  # [layer][epoch]
+    losses: list[list[float]] = field(default_factory=list)  # [layer][step]
     seconds: float = 0.0
 
 
@@ -140,7 +140,7 @@ def train_less(
     passes over them in minibatches of ``batch`` windows (Adam, ``learning_rate``). The teacher is
     held in half precision: ``sequences x tokens x layers x 1,920`` bytes for SmolLM2 (3.8 GB by
     default). A run that finds the finished layers of the same run in ``directory`` continues after
-    them. Returns the loss curves (mean per epoch).
+    them. Returns the loss curves (every step's).
     """
     if "+" in method:
         raise ValueError(f"train-less takes a selector (h2o, streaming, ...), got {method!r}")
@@ -189,10 +189,11 @@ def train_less(
         torch.save(progress_so_far | {"meta": meta, "seconds": time.perf_counter() - started}, directory / _PROGRESS)
     bar.close()
     result.seconds = time.perf_counter() - started + done.get("seconds", 0.0)
+    steps = math.ceil(sequences / batch)  # per epoch
     meta |= {
         "seconds": result.seconds,
-        "loss_first": [curve[0] for curve in result.losses],
-        "loss_last": [curve[-1] for curve in result.losses],
+        "loss_first_epoch": [sum(curve[:steps]) / steps for curve in result.losses],
+        "loss_last_epoch": [sum(curve[-steps:]) / steps for curve in result.losses],
     }
     save_kernels(kernels, directory, meta)
     (directory / _PROGRESS).unlink(missing_ok=True)
@@ -228,13 +229,12 @@ def _train_layer(
     kernels: LessKernels, module: nn.Module, teacher: tuple, timeline: torch.Tensor,
     epochs: int, batch: int, learning_rate: float, bar: tqdm,
 ) -> list[float]:  # fmt: skip
-    """Fit one layer's ``kernels``; the mean loss of each epoch."""
+    """Fit one layer's ``kernels``; the loss of every step."""
     query, key, value = (t.float() for t in teacher)
     weight = module.o_proj.weight.detach()  # the bias cancels in the difference
     optimizer = torch.optim.Adam(kernels.parameters(), lr=learning_rate)
     curve = []
     for _ in range(epochs):
-        total, count = 0.0, 0
         for rows in torch.randperm(query.shape[0]).split(batch):
             q, k, v, evicted_at = query[rows], key[rows], value[rows], timeline[rows]
             with torch.no_grad():
@@ -245,9 +245,8 @@ def _train_layer(
             optimizer.zero_grad()
             loss.backward()
             optimizer.step()
-            total, count = total + loss.item(), count + 1
+            curve.append(loss.item())
             bar.update()
-        curve.append(total / count)
     return curve
 
 
