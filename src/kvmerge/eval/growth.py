@@ -17,6 +17,7 @@ from tqdm import tqdm
 from transformers import PreTrainedModel, PreTrainedTokenizerBase
 
 import kvmerge
+from kvmerge.absorbers.less import with_kernels
 from kvmerge.compat import with_cache
 from kvmerge.eval import results
 from kvmerge.eval.perplexity import token_ids
@@ -48,7 +49,8 @@ def run_growth(
         raise ValueError(f"growth takes an int budget (entries per head), got {budget!r}")
     runs = results.run_grid([m for m in methods if m != "full"], [budget], list(seeds), options)
     for method, _, seed in runs:  # validate every run before any compute
-        kvmerge.make_method(method, budget, seed=seed, chunk_size=chunk, **options_for(method, options or {}))
+        own = with_kernels(method, budget, model.config._name_or_path, options_for(method, options or {}))
+        kvmerge.make_method(method, budget, seed=seed, chunk_size=chunk, **own)
     ids = token_ids(tokenizer, text, tokens).to(model.device)
     records = []
     for method, _, seed in tqdm(runs, desc="growth", disable=not progress):

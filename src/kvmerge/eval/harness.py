@@ -35,8 +35,10 @@ from tqdm import tqdm
 from transformers import PreTrainedModel, PreTrainedTokenizerBase
 
 import kvmerge
+from kvmerge.absorbers.less import with_kernels
 from kvmerge.compat import with_cache
 from kvmerge.eval.perplexity import require_step_schedule
+from kvmerge.models import model_label
 
 MODEL_NAME = "kvmerge"
 TASKS_DIR = Path(__file__).with_name("tasks")
@@ -120,6 +122,8 @@ class KVMergeLM(TemplateLM):
             "chunk_size": 1 << 30 if full else chunk,
         }
         self.cache_options.update(options)
+        label = pretrained.config._name_or_path if isinstance(pretrained, PreTrainedModel) else model_label(pretrained)
+        self.cache_options = with_kernels(method, budget, label, self.cache_options)
         method_ = kvmerge.make_method(method, **self.cache_options)  # bad arguments fail before the model loads
         if isinstance(pretrained, PreTrainedModel):
             self.model, self.tokenizer = pretrained, tokenizer

@@ -22,6 +22,7 @@ from transformers import PreTrainedModel, PreTrainedTokenizerBase
 
 import kvmerge
 from kvmerge.absorbers.cam import MergeLog
+from kvmerge.absorbers.less import with_kernels
 from kvmerge.compat import with_cache
 from kvmerge.eval import results
 from kvmerge.eval.perplexity import require_step_schedule
@@ -88,7 +89,7 @@ def run_perturbation(
     """
     runs = results.run_grid([m for m in methods if m != "full"], budgets, seeds, options)
     for method, budget, seed in runs:  # validate every run before any compute
-        own = options_for(method, options or {})
+        own = with_kernels(method, budget, model.config._name_or_path, options_for(method, options or {}))
         require_step_schedule(kvmerge.make_method(method, budget, seed=seed, chunk_size=chunk, **own))
     ids = tokenizer(text, return_tensors="pt").input_ids[:, :tokens].to(model.device)
     full = attention_outputs(model, ids, kvmerge.make_cache(model, "full"))
