@@ -122,9 +122,9 @@ def train_less(
     budget: int | float = 0.2,
     *,
     directory: Path,
-    sequences: int = 96,
+    sequences: int = 128,
     tokens: int = 512,
-    epochs: int = 3,
+    epochs: int = 2,
     batch: int = 4,
     hidden: int = 512,
     rank: int = 8,
@@ -147,7 +147,6 @@ def train_less(
     kvmerge.make_method(method, budget, **options)  # validate before any compute
     if ids.numel() < sequences * tokens:
         raise ValueError(f"the training text has {ids.numel()} tokens, fewer than {sequences} x {tokens}")
-    started = time.perf_counter()
     windows = ids[: sequences * tokens].view(sequences, tokens)
     modules = sorted(
         (m for m in model.modules() if hasattr(m, "o_proj") and hasattr(m, "layer_idx")), key=lambda m: m.layer_idx
@@ -165,6 +164,7 @@ def train_less(
         "learning_rate": learning_rate, "seed": seed,
     }  # fmt: skip
     done = _progress(directory, meta)
+    started = time.perf_counter() - done.get("seconds", 0.0)  # an interrupted run's time counts
     timelines = done.get("timelines")
     if timelines is None:
         timelines = eviction_timelines(model, windows, method, budget, batch=16, progress=progress, **options)
@@ -188,7 +188,7 @@ def train_less(
         progress_so_far = {"timelines": timelines, "states": states, "losses": result.losses}
         torch.save(progress_so_far | {"meta": meta, "seconds": time.perf_counter() - started}, directory / _PROGRESS)
     bar.close()
-    result.seconds = time.perf_counter() - started + done.get("seconds", 0.0)
+    result.seconds = time.perf_counter() - started
     steps = math.ceil(sequences / batch)  # per epoch
     meta |= {
         "seconds": result.seconds,
