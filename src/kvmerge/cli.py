@@ -207,7 +207,7 @@ def _cmd_train_less(args: argparse.Namespace) -> int:
     from kvmerge.absorbers.less import kernel_dir
     from kvmerge.eval.results import claim_out_dir, line_plot
     from kvmerge.models import model_label
-    from kvmerge.training import less_training_text, train_less
+    from kvmerge.training import PROGRESS_FILE, less_training_text, train_less
 
     with _user_errors():
         if "+" in args.method:
@@ -216,9 +216,9 @@ def _cmd_train_less(args: argparse.Namespace) -> int:
         text = less_training_text(args.data_dir)
         name = _model_name(args.model)
         directory = args.out or kernel_dir(model_label(name), args.method, args.budget)
-        if not (directory / "progress.pt").exists() or args.force:  # an unfinished run continues
+        if not (directory / PROGRESS_FILE).exists() or args.force:  # an unfinished run continues
             claim_out_dir(directory, args.force)
-            (directory / "progress.pt").unlink(missing_ok=True)
+            (directory / PROGRESS_FILE).unlink(missing_ok=True)
         model, tokenizer = kvmerge.load_model(name)
     needed = args.sequences * args.tokens
     ids = tokenizer(text[: 16 * needed], return_tensors="pt").input_ids[0]  # 16 characters a token is ample

@@ -28,7 +28,7 @@ import kvmerge
 from kvmerge.absorbers.less import LessKernels, save_kernels
 from kvmerge.compat import with_cache
 
-_PROGRESS = "progress.pt"  # the finished layers of a run in progress
+PROGRESS_FILE = "progress.pt"  # the finished layers of a run in progress
 _NEVER = 1 << 62
 
 
@@ -185,8 +185,9 @@ def train_less(
         result.losses.append(curve)
         bar.set_postfix(layer=layer_idx, loss=f"{curve[-1]:.3g}")
         states = [k.state_dict() for k in kernels[: layer_idx + 1]]
-        progress_so_far = {"timelines": timelines, "states": states, "losses": result.losses}
-        torch.save(progress_so_far | {"meta": meta, "seconds": time.perf_counter() - started}, directory / _PROGRESS)
+        seconds = time.perf_counter() - started
+        saved = {"meta": meta, "timelines": timelines, "states": states, "losses": result.losses, "seconds": seconds}
+        torch.save(saved, directory / PROGRESS_FILE)
     bar.close()
     result.seconds = time.perf_counter() - started
     steps = math.ceil(sequences / batch)  # per epoch
@@ -196,14 +197,14 @@ def train_less(
         "loss_last_epoch": [sum(curve[-steps:]) / steps for curve in result.losses],
     }
     save_kernels(kernels, directory, meta)
-    (directory / _PROGRESS).unlink(missing_ok=True)
+    (directory / PROGRESS_FILE).unlink(missing_ok=True)
     return result
 
 
 def _progress(directory: Path, meta: dict) -> dict:
     """The finished layers of the same run in ``directory`` (``{}``: none; another run's are refused)."""
     directory.mkdir(parents=True, exist_ok=True)
-    path = directory / _PROGRESS
+    path = directory / PROGRESS_FILE
     if not path.exists():
         return {}
     saved = torch.load(path, weights_only=False)
